@@ -1,0 +1,46 @@
+// The pybind11 module lowbit._C: build information, exception mapping and the op families.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <omp.h>
+
+#include "bindings/device.h"
+#include "bindings/registry.h"
+#include "lowbit/tensor_view.h"
+
+#ifndef LOWBIT_VERSION
+#define LOWBIT_VERSION "0.0.0"
+#endif
+#ifndef LOWBIT_CUDA_ARCHS_STR
+#define LOWBIT_CUDA_ARCHS_STR ""
+#endif
+#ifndef LOWBIT_CUDA_COMPILER
+#define LOWBIT_CUDA_COMPILER ""
+#endif
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowbit native kernels (CPU, and CUDA when built with it)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const lowbit::type_error& e) {
+      PyErr_SetString(PyExc_TypeError, e.what());
+    }
+  });
+  m.def("cuda_built", &lowbit::cuda_built, "True when the CUDA kernels were compiled in.");
+  m.def("cuda_device_count", &lowbit::cuda_device_count, "CUDA devices usable by lowbit (0 without driver).");
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = LOWBIT_VERSION;
+    d["cxx_compiler"] = LOWBIT_CXX_COMPILER;
+    d["cuda"] = lowbit::cuda_built();
+    d["cuda_compiler"] = LOWBIT_CUDA_COMPILER;
+    d["cuda_archs"] = LOWBIT_CUDA_ARCHS_STR;
+    d["cpu_features"] = lowbit::cpu_features();
+    d["openmp_threads"] = omp_get_max_threads();
+    return d;
+  });
+  lowbit::register_hadamard(m);
+}

@@ -1,0 +1,24 @@
+"""lowbit: 2- to 4-bit LLM kernels and quantizers with CPU and CUDA backends."""
+from __future__ import annotations
+
+from lowbit import _C
+from lowbit import ops
+from lowbit.ops import hadamard_transform, randomized_hadamard_transform
+
+__version__: str = _C.build_info()["version"]
+
+
+def cuda_available() -> bool:
+    """True when lowbit was built with CUDA kernels and a CUDA device is usable now."""
+    return bool(_C.cuda_built()) and _C.cuda_device_count() > 0
+
+
+def build_info() -> dict:
+    """What was built: version, C++ and CUDA compilers, CUDA archs, CPU features, OpenMP threads."""
+    info = dict(_C.build_info())
+    info["cuda_devices"] = _C.cuda_device_count()
+    return info
+
+
+__all__ = ["ops", "cuda_available", "build_info", "hadamard_transform", "randomized_hadamard_transform",
+           "__version__"]

@@ -1,0 +1,41 @@
+"""The bridge to the native module lowbit._C: DLPack capsules, CUDA streams, numpy in/out."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.utils.dlpack import to_dlpack
+
+from lowbit import _C
+
+
+def capsule(t: Optional[torch.Tensor]):
+    """A DLPack capsule viewing `t` (None stays None); `t` must outlive the native call."""
+    return None if t is None else to_dlpack(t.detach())
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The caller's current CUDA stream on t's device as an integer (0 for CPU tensors)."""
+    if t.device.type != "cuda":
+        return 0
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def with_numpy(fn: Callable[..., torch.Tensor], x, *args, **kwargs):
+    """Calls fn on torch tensors; numpy arrays in the first argument come back as numpy arrays."""
+    if isinstance(x, np.ndarray):
+        return fn(torch.from_numpy(np.ascontiguousarray(x)), *args, **kwargs).numpy()
+    return fn(x, *args, **kwargs)
+
+
+def as_tensor(value, name: str) -> torch.Tensor:
+    """Accepts a torch tensor or a numpy array for argument `name`; anything else is a TypeError."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
+
+
+__all__ = ["_C", "capsule", "stream_of", "with_numpy", "as_tensor"]
