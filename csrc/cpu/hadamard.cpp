@@ -3,6 +3,7 @@
 #include "lowbit/hadamard.h"
 
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
@@ -17,6 +18,28 @@ namespace {
 #define LOWBIT_ISA_CLONES
 #endif
 
+// Eight floats as one GCC vector: AVX in the v3/v4 clones, SSE pairs in the default one.
+typedef float v8 __attribute__((vector_size(32)));
+typedef int v8i __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline v8 load8(const float* p) {
+  v8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+__attribute__((always_inline)) inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+// Butterflies of stride 1, 2 and 4 inside one vector of eight (the first three stages).
+__attribute__((always_inline)) inline v8 fwht8(v8 v) {
+  const v8i lo1 = {0, 0, 2, 2, 4, 4, 6, 6}, hi1 = {1, 1, 3, 3, 5, 5, 7, 7};
+  const v8i lo2 = {0, 1, 0, 1, 4, 5, 4, 5}, hi2 = {2, 3, 2, 3, 6, 7, 6, 7};
+  const v8i lo4 = {0, 1, 2, 3, 0, 1, 2, 3}, hi4 = {4, 5, 6, 7, 4, 5, 6, 7};
+  const v8 s1 = {1, -1, 1, -1, 1, -1, 1, -1}, s2 = {1, 1, -1, -1, 1, 1, -1, -1}, s4 = {1, 1, 1, 1, -1, -1, -1, -1};
+  v = __builtin_shuffle(v, lo1) + s1 * __builtin_shuffle(v, hi1);
+  v = __builtin_shuffle(v, lo2) + s2 * __builtin_shuffle(v, hi2);
+  return __builtin_shuffle(v, lo4) + s4 * __builtin_shuffle(v, hi4);
+}
+
 // Unnormalized Sylvester transform of one contiguous run of 2^log2_len floats.
 LOWBIT_ISA_CLONES void fwht_run(float* x, int log2_len) {
   const int len = 1 << log2_len;
@@ -24,36 +47,49 @@ LOWBIT_ISA_CLONES void fwht_run(float* x, int log2_len) {
     fwht_inplace(x, log2_len);
     return;
   }
-  for (int i = 0; i < len; i += 8) {  // strides 1, 2, 4 inside blocks of eight
-    float* v = x + i;
-    butterfly(v[0], v[1]); butterfly(v[2], v[3]); butterfly(v[4], v[5]); butterfly(v[6], v[7]);
-    butterfly(v[0], v[2]); butterfly(v[1], v[3]); butterfly(v[4], v[6]); butterfly(v[5], v[7]);
-    butterfly(v[0], v[4]); butterfly(v[1], v[5]); butterfly(v[2], v[6]); butterfly(v[3], v[7]);
-  }
+  for (int i = 0; i < len; i += 8) store8(x + i, fwht8(load8(x + i)));
   for (int h = 8; h < len; h <<= 1)
-    for (int i = 0; i < len; i += 2 * h) {
-      float* __restrict a = x + i;
-      float* __restrict b = x + i + h;
-      for (int j = 0; j < h; ++j) {
-        const float t = a[j];
-        a[j] = t + b[j];
-        b[j] = t - b[j];
+    for (int i = 0; i < len; i += 2 * h)
+      for (int j = i; j < i + h; j += 8) {
+        const v8 a = load8(x + j), b = load8(x + j + h);
+        store8(x + j, a + b);
+        store8(x + j + h, a - b);
       }
-    }
 }
 
-// out[a][:] = sum_a2 H_m[a][a2] * x[a2][:] (transposed: H_m[a2][a]) over rows of length p.
-LOWBIT_ISA_CLONES void hadamard_m_step(const float* signs_m, int m, int p, const float* __restrict x,
-                                       float* __restrict out) {
-  for (int a = 0; a < m; ++a) {
-    float* __restrict o = out + int64_t(a) * p;
-    for (int j = 0; j < p; ++j) o[j] = 0.0f;
+// out[a][j0 + 8v + i] = sum_a2 hm[a][a2] * x[a2][j0 + 8v + i] for four rows a at once and NV vectors of
+// columns, the 4 x NV accumulators held in registers while x streams through (m is a multiple of 4).
+template <int NV>
+__attribute__((always_inline)) inline void m_step_tile(const float* __restrict hm, int m, int p, int j0, const float* __restrict x,
+                        float* __restrict out) {
+  for (int a = 0; a < m; a += 4) {
+    v8 acc[4][NV] = {};
     for (int a2 = 0; a2 < m; ++a2) {
-      const float s = signs_m[a * m + a2];
-      const float* __restrict xi = x + int64_t(a2) * p;
-      for (int j = 0; j < p; ++j) o[j] += s * xi[j];
+      const float* xi = x + int64_t(a2) * p + j0;
+      v8 xv[NV];
+      for (int v = 0; v < NV; ++v) xv[v] = load8(xi + 8 * v);
+      for (int r = 0; r < 4; ++r) {
+        const float sr = hm[(a + r) * m + a2];
+        for (int v = 0; v < NV; ++v) acc[r][v] += sr * xv[v];
+      }
     }
+    for (int r = 0; r < 4; ++r)
+      for (int v = 0; v < NV; ++v) store8(out + int64_t(a + r) * p + j0 + 8 * v, acc[r][v]);
   }
+}
+
+// out[a][:] = sum_a2 hm[a][a2] * x[a2][:] over rows of length p (hm: H_m or its transpose, dense +-1).
+LOWBIT_ISA_CLONES void hadamard_m_step(const float* hm, int m, int p, const float* __restrict x,
+                                       float* __restrict out) {
+  int j0 = 0;
+  for (; j0 + 32 <= p; j0 += 32) m_step_tile<4>(hm, m, p, j0, x, out);
+  for (; j0 + 8 <= p; j0 += 8) m_step_tile<1>(hm, m, p, j0, x, out);
+  for (; j0 < p; ++j0)  // p < 8: plain dot products
+    for (int a = 0; a < m; ++a) {
+      float acc = 0.0f;
+      for (int a2 = 0; a2 < m; ++a2) acc += hm[a * m + a2] * x[int64_t(a2) * p + j0];
+      out[int64_t(a) * p + j0] = acc;
+    }
 }
 
 // H_m (or its transpose) expanded to a dense +-1 float matrix.

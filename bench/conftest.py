@@ -1,0 +1,1 @@
+"""Benchmarks run the installed lowbit; files are named bench_*.py."""
