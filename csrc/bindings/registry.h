@@ -4,4 +4,8 @@
 
 namespace lowbit {
 void register_hadamard(pybind11::module_& m);
+void register_pack(pybind11::module_& m);
+void register_kv(pybind11::module_& m);
+void register_lut_gemm(pybind11::module_& m);
+void register_vq_gemm(pybind11::module_& m);
 }  // namespace lowbit

@@ -1,0 +1,206 @@
+"""QuantizedWeight: a quantized linear weight W [out_features, in_features] in one of lowbit's formats.
+
+Stable layout (format version 1). Codes use the canonical packing of include/lowbit/pack.h: along K (in_features),
+32 codes per `bits` int32 words, little-endian; groups of `group_size` along K with a short last group.
+
+========  ==========================================================  =====================================
+format    tensors                                                     config
+========  ==========================================================  =====================================
+uniform   packed int32 [N, ceil(K/32)*bits], scales fp16 [N, G],      bits (2/3/4), group_size, in_features,
+          zeros fp16 [N, G];  w = scales * (q - zeros)                out_features
+lut       packed int32 [N, ceil(K/32)*bits], scales fp16 [N, G],      bits, group_size, in_features,
+          table fp32 [2^bits];  w = scales * table[q]                 out_features
+mixed     packed int32 [N, sum_g ceil(len_g/32)*bits_g], scales,      group_size, in_features, out_features
+          zeros fp16 [N, G], group_bits uint8 [G] (2 or 4 per group)
+========  ==========================================================  =====================================
+
+G = ceil(K / group_size). Every config also carries "format_version".
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from lowbit.ops import pack as _pack
+
+FORMAT_VERSION = 1
+FORMATS = ("uniform", "lut", "mixed")
+GROUP_SIZES = (32, 64, 128)
+_TENSORS = {"uniform": ("packed", "scales", "zeros"), "lut": ("packed", "scales", "table"),
+            "mixed": ("packed", "scales", "zeros", "group_bits")}
+
+
+class QuantizedWeight:
+    """A validated quantized weight: a format name, its tensors and a small JSON-able config.
+
+    Args:
+        format: one of ``FORMATS``.
+        tensors: the format's tensors (see the module docstring), all on one device.
+        config: ``in_features``, ``out_features``, ``group_size`` and (uniform, lut) ``bits``.
+
+    Raises:
+        ValueError / TypeError naming the tensor or key, what was expected and what came.
+    """
+
+    def __init__(self, format: str, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]):
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        self.format = format
+        self.tensors = dict(tensors)
+        self.config = dict(config)
+        self.config.setdefault("format_version", FORMAT_VERSION)
+        self.validate()
+
+    # -- construction from codes -------------------------------------------------------------------------
+    @classmethod
+    def uniform(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                group_size: int) -> "QuantizedWeight":
+        """Packs uint8 codes [N, K] into the ``uniform`` format (w = scales * (q - zeros))."""
+        n, k = codes.shape
+        return cls("uniform", {"packed": _pack.pack_uniform(codes, bits), "scales": scales.to(torch.float16),
+                               "zeros": zeros.to(torch.float16)},
+                   {"bits": bits, "group_size": group_size, "in_features": k, "out_features": n})
+
+    @classmethod
+    def lut(cls, codes: torch.Tensor, scales: torch.Tensor, table: torch.Tensor, bits: int,
+            group_size: int) -> "QuantizedWeight":
+        """Packs uint8 codes [N, K] into the ``lut`` format (w = scales * table[q])."""
+        n, k = codes.shape
+        return cls("lut", {"packed": _pack.pack_uniform(codes, bits), "scales": scales.to(torch.float16),
+                           "table": table.to(torch.float32)},
+                   {"bits": bits, "group_size": group_size, "in_features": k, "out_features": n})
+
+    @classmethod
+    def mixed(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_bits: torch.Tensor,
+              group_size: int) -> "QuantizedWeight":
+        """Packs uint8 codes [N, K] into the ``mixed`` format, group g at group_bits[g] (2 or 4) bits."""
+        n, k = codes.shape
+        group_bits = group_bits.to(torch.uint8)
+        return cls("mixed", {"packed": _pack.pack_mixed(codes, group_bits, group_size),
+                             "scales": scales.to(torch.float16), "zeros": zeros.to(torch.float16),
+                             "group_bits": group_bits},
+                   {"group_size": group_size, "in_features": k, "out_features": n})
+
+    def codes(self) -> torch.Tensor:
+        """The unpacked uint8 codes [N, K]."""
+        if self.format == "mixed":
+            return _pack.unpack_mixed(self.tensors["packed"], self.tensors["group_bits"], self.group_size,
+                                      self.in_features)
+        return _pack.unpack(self.tensors["packed"], self.config["bits"], self.in_features)
+
+    # -- shape facts -------------------------------------------------------------------------------------
+    @property
+    def in_features(self) -> int:
+        return int(self.config["in_features"])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.config["out_features"])
+
+    @property
+    def group_size(self) -> int:
+        return int(self.config["group_size"])
+
+    @property
+    def bits(self) -> float:
+        """Code width; for ``mixed`` the average over groups (weighted by group length)."""
+        if self.format == "mixed":
+            g = self.tensors["group_bits"].to(torch.float64)
+            lengths = torch.full_like(g, float(self.group_size))
+            lengths[-1] = self.in_features - self.group_size * (len(g) - 1)
+            return float((g * lengths).sum() / self.in_features)
+        return float(self.config["bits"])
+
+    @property
+    def device(self) -> torch.device:
+        return self.tensors["packed"].device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors (codes, scales, zeros, tables)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Storage cost per weight including scales, zeros and tables (padding included)."""
+        return 8.0 * self.nbytes / (self.in_features * self.out_features)
+
+    # -- validation --------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Checks config keys, tensor names, dtypes, shapes and devices; raises on the first problem."""
+        cfg = self.config
+        if cfg.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"config format_version must be {FORMAT_VERSION}, got {cfg.get('format_version')!r}")
+        for key in ("in_features", "out_features", "group_size") + (() if self.format == "mixed" else ("bits",)):
+            if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
+                raise TypeError(f"config[{key!r}] must be an int, got {cfg.get(key)!r}")
+        n, k, gs = self.out_features, self.in_features, self.group_size
+        if n < 0 or k < 1:
+            raise ValueError(f"config in_features must be >= 1 and out_features >= 0, got {k} and {n}")
+        if gs not in GROUP_SIZES:
+            raise ValueError(f"config group_size must be one of {GROUP_SIZES}, got {gs}")
+        if self.format != "mixed" and cfg["bits"] not in (2, 3, 4):
+            raise ValueError(f"config bits must be 2, 3 or 4, got {cfg['bits']}")
+        expected = _TENSORS[self.format]
+        if set(self.tensors) != set(expected):
+            raise ValueError(f"{self.format} tensors must be {sorted(expected)}, got {sorted(self.tensors)}")
+        for name, t in self.tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tensor {name!r} must be a torch.Tensor, got {type(t).__name__}")
+            if t.device != self.device:
+                raise ValueError(f"tensor {name!r} is on {t.device}, but packed is on {self.device}")
+        groups = math.ceil(k / gs)
+        if self.format == "mixed":
+            gb = self.tensors["group_bits"]
+            self._check("group_bits", torch.uint8, [groups])
+            if not bool(((gb == 2) | (gb == 4)).all()):
+                raise ValueError("tensor 'group_bits' must hold only 2 and 4")
+            words = _pack.mixed_words_per_row(k, gb, gs)
+        else:
+            words = _pack.words_per_row(k, cfg["bits"])
+        self._check("packed", (torch.int32,), [n, words])
+        self._check("scales", torch.float16, [n, groups])
+        if "zeros" in self.tensors:
+            self._check("zeros", torch.float16, [n, groups])
+        if "table" in self.tensors:
+            self._check("table", torch.float32, [2 ** cfg["bits"]])
+
+    def _check(self, name: str, dtype: Union[torch.dtype, tuple], shape: list) -> None:
+        t = self.tensors[name]
+        dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+        if t.dtype not in dtypes:
+            raise TypeError(f"tensor {name!r} must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if list(t.shape) != list(shape):
+            raise ValueError(f"tensor {name!r} must have shape {list(shape)}, got {list(t.shape)}")
+
+    # -- use ---------------------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense weight [out_features, in_features] this represents, in `dtype`."""
+        t, k, gs = self.tensors, self.in_features, self.group_size
+        if self.format == "uniform":
+            return _pack.dequantize_uniform(t["packed"], t["scales"], t["zeros"], self.config["bits"], gs, k, dtype)
+        if self.format == "lut":
+            return _pack.dequantize_lut(t["packed"], t["scales"], t["table"], self.config["bits"], gs, k, dtype)
+        return _pack.dequantize_mixed(t["packed"], t["scales"], t["zeros"], t["group_bits"], gs, k, dtype)
+
+    def to(self, device: Union[str, torch.device]) -> "QuantizedWeight":
+        """A copy with every tensor on `device` (self when already there)."""
+        device = torch.device(device)
+        if device == self.device:
+            return self
+        return QuantizedWeight(self.format, {k: v.to(device) for k, v in self.tensors.items()}, self.config)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, config) in the stable layout, for checkpoints; the inverse is the constructor."""
+        return dict(self.tensors), dict(self.config, format=self.format)
+
+    def __repr__(self) -> str:
+        bits = f"{self.bits:g}"
+        return (f"QuantizedWeight(format={self.format}, bits={bits}, group_size={self.group_size}, "
+                f"shape=[{self.out_features}, {self.in_features}], {self.bits_per_weight:.2f} bits/weight stored, "
+                f"device={self.device})")
+
+
+__all__ = ["QuantizedWeight", "FORMATS", "FORMAT_VERSION", "GROUP_SIZES"]

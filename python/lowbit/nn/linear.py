@@ -1,0 +1,142 @@
+"""QuantLinear: an nn.Linear replacement whose weight is a QuantizedWeight, run through lowbit's fused GEMMs,
+optionally wrapped in QuIP incoherence (randomized Hadamard rotations of the input and output)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from lowbit.formats import QuantizedWeight
+from lowbit.ops import lut_gemm, randomized_hadamard_transform
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W given by a QuantizedWeight; never materializes the dense weight in forward.
+
+    ``uniform`` and ``lut`` weights run through :func:`lowbit.ops.lut_gemm` (an affine weight is the identity
+    table with per-group zeros). ``mixed`` weights are split once, at construction, into their 4-bit and 2-bit
+    groups (groups sorted by width, order kept inside each width), each a canonical uniform matrix, and run as two
+    fused GEMMs on the matching columns of x. With incoherence signs, x is rotated by H_K diag(s_in) first and the
+    output by diag(s_out) H_N^T after (the QuIP transform the quantizer applied to W).
+
+    Args:
+        weight: the quantized weight [out_features, in_features].
+        bias: optional bias [out_features].
+        signs_in / signs_out: +-1 vectors [in_features] / [out_features] when the weight is incoherence-processed.
+    """
+
+    def __init__(self, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
+                 signs_in: Optional[torch.Tensor] = None, signs_out: Optional[torch.Tensor] = None):
+        super().__init__()
+        if not isinstance(weight, QuantizedWeight):
+            raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.format, self.config = weight.format, dict(weight.config)
+        for name, t in weight.tensors.items():
+            self.register_buffer(name, t)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape [{self.out_features}], got {list(bias.shape)}")
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        for name, s, n in (("signs_in", signs_in, self.in_features), ("signs_out", signs_out, self.out_features)):
+            if s is not None and tuple(s.shape) != (n,):
+                raise ValueError(f"{name} must have shape [{n}], got {list(s.shape)}")
+            self.register_buffer(name, None if s is None else s.to(torch.float32))
+        if (signs_in is None) != (signs_out is None):
+            raise ValueError("signs_in and signs_out must be given together (QuIP incoherence) or not at all")
+        self._parts = self._gemm_parts(weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, weight: QuantizedWeight, **signs: torch.Tensor) -> "QuantLinear":
+        """A QuantLinear replacing `linear` (its bias is kept) with the already quantized `weight`."""
+        if (weight.out_features, weight.in_features) != (linear.out_features, linear.in_features):
+            raise ValueError(f"weight has shape [{weight.out_features}, {weight.in_features}] but linear is "
+                             f"[{linear.out_features}, {linear.in_features}]")
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(weight.to(linear.weight.device), bias, **signs)
+
+    @property
+    def weight(self) -> QuantizedWeight:
+        """The QuantizedWeight held (built from the module's buffers)."""
+        names = ("packed", "scales", "zeros", "table", "group_bits")
+        return QuantizedWeight(self.format, {n: getattr(self, n) for n in names if getattr(self, n, None) is not None},
+                               self.config)
+
+    def _gemm_parts(self, w: QuantizedWeight) -> list[tuple[Optional[torch.Tensor], dict[str, Any]]]:
+        """(column index or None, lut_gemm arguments) per fused GEMM the forward runs."""
+        t, gs, k = w.tensors, w.group_size, w.in_features
+        if w.format in ("uniform", "lut"):
+            bits = w.config["bits"]
+            table = t["table"] if w.format == "lut" else torch.arange(2**bits, dtype=torch.float32, device=w.device)
+            return [(None, dict(packed=t["packed"], scales=t["scales"], zeros=t.get("zeros"), table=table,
+                                bits=bits, group_size=gs))]
+        codes, gb = w.codes(), t["group_bits"].tolist()
+        parts = []
+        for bits in (4, 2):
+            groups = [g for g, b in enumerate(gb) if b == bits]
+            if not groups:
+                continue
+            cols = torch.cat([torch.arange(g * gs, min(k, (g + 1) * gs)) for g in groups]).to(w.device)
+            sub = QuantizedWeight.uniform(codes[:, cols.cpu()].cpu(), t["scales"][:, groups].cpu(),
+                                          t["zeros"][:, groups].cpu(), bits, gs).to(w.device)
+            table = torch.arange(2**bits, dtype=torch.float32, device=w.device)
+            parts.append((cols, dict(packed=sub.tensors["packed"], scales=sub.tensors["scales"],
+                                     zeros=sub.tensors["zeros"], table=table, bits=bits, group_size=gs)))
+        return parts
+
+    def _apply(self, fn: Callable, recurse: bool = True):
+        super()._apply(fn, recurse)
+        self._parts = self._gemm_parts(self.weight)  # keep the GEMM operands on the module's device
+        return self
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._parts = self._gemm_parts(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x must have last dimension {self.in_features}, got shape {list(x.shape)}")
+        if self.signs_in is not None:
+            x = randomized_hadamard_transform(x, self.signs_in)
+        y = None
+        for cols, args in self._parts:
+            part = lut_gemm(x if cols is None else x.index_select(-1, cols), **args)
+            y = part if y is None else y + part
+        if self.signs_out is not None:
+            y = randomized_hadamard_transform(y, self.signs_out, inverse=True)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense float32 weight [out_features, in_features] this layer applies (incoherence undone)."""
+        w = self.weight.dequantize(torch.float32)
+        if self.signs_in is not None:
+            # y = s_out * H_N^T (W~ (H_K (s_in * x)))  =>  W = diag(s_out) H_N^T W~ H_K diag(s_in)
+            w = randomized_hadamard_transform(w.t().contiguous(), self.signs_out, inverse=True).t()
+            w = randomized_hadamard_transform(w.contiguous(), self.signs_in, inverse=True)
+        return w
+
+    def extra_repr(self) -> str:
+        w = self.weight
+        incoherent = ", incoherence=hadamard" if self.signs_in is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"bits={w.bits:g}, group_size={w.group_size}, bias={self.bias is not None}{incoherent}")
+
+
+def replace_linear(model: nn.Module, quantize_fn: Callable[[str, nn.Linear], Optional[QuantLinear]],
+                   skip: Iterable[str] = ("lm_head",)) -> nn.Module:
+    """Swaps every nn.Linear of `model` whose qualified name matches none of `skip` for quantize_fn(name, linear)
+    (None keeps the layer). Returns the model, changed in place."""
+    skip = tuple(skip)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, nn.Linear) and not any(s and s in full for s in skip):
+                replacement = quantize_fn(full, child)
+                if replacement is not None:
+                    setattr(module, child_name, replacement)
+    return model
+
+
+__all__ = ["QuantLinear", "replace_linear"]

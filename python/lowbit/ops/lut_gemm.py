@@ -1,0 +1,112 @@
+"""Lookup-table GEMM (FLUTE-style): ``y = x @ W_hat.T`` straight from packed 2-, 3- or 4-bit codes.
+
+``W_hat[n, k] = scales[n, g] * (table[q[n, k]] - zeros[n, g])`` with ``g = k // group_size`` and q in the
+canonical packed layout (``include/lowbit/pack.h``). An NF table gives the NF formats; the identity table
+``0, 1, ..., 2^bits - 1`` with zeros gives the uniform (affine) format of RTN/GPTQ, so both run through here.
+
+CPU: the kernel picks its own path by the number of rows of x (fused unpack + lookup + FMA for small M, a
+dequantized-tile GEMM for large M) and by the instruction set (AVX-512, AVX2, portable C++); the environment
+variable ``LOWBIT_CPU_ISA=scalar|avx2|avx512``, read once at the first call, forces a lower instruction set.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from lowbit.ops._native import _C, as_tensor, capsule, stream_of, with_numpy
+
+Array = Union[torch.Tensor, np.ndarray]
+
+#: Code widths and group sizes the LUT GEMM takes.
+LUT_GEMM_BITS: tuple[int, ...] = (2, 3, 4)
+LUT_GEMM_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CODE_DTYPES = (torch.int32, torch.uint32)
+
+
+@torch.library.custom_op("lowbit::lut_gemm", mutates_args=())
+def _lut_gemm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                 table: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
+    _C.lut_gemm(capsule(x), capsule(packed), capsule(scales), capsule(zeros), capsule(table), capsule(out), bits,
+                group_size, stream_of(x))
+    return out
+
+
+@_lut_gemm_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+      table: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
+
+
+def _check_param(name: str, tensor, dtypes: tuple, shape: list, device: torch.device) -> torch.Tensor:
+    t = as_tensor(tensor, name)
+    if t.dtype not in dtypes:
+        names = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {names}, got {t.dtype}")
+    if list(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the device of x ({device}), got {t.device}")
+    return t.contiguous()
+
+
+def lut_gemm(x: Array, packed: Array, scales: Array, table: Array, bits: int, group_size: int,
+             zeros: Optional[Array] = None) -> Array:
+    """``x @ W_hat.T`` for a weight stored as packed codes, a lookup table and per-group scales (and zeros).
+
+    Args:
+        x: float32, float16 or bfloat16 activations of shape [..., K] (any leading batch dims; numpy arrays
+            give numpy results).
+        packed: int32 (or uint32) codes of shape [N, ceil(K / 32) * bits] in the canonical layout; codes past K
+            in the last 32-code block are ignored.
+        scales: float16 [N, ceil(K / group_size)]; the last group may be short.
+        table: float32 [2 ** bits], the value of each code.
+        bits: 2, 3 or 4. group_size: 32, 64 or 128.
+        zeros: None (zero = 0) or float16 like scales, subtracted from the table value before scaling.
+
+    Returns:
+        [..., N] in the dtype of x, accumulated in float32.
+
+    Raises:
+        TypeError: an argument has the wrong type or dtype. ValueError: a wrong shape, device, bits or
+        group_size (the message names the argument, what was expected and what came). RuntimeError: CUDA tensors
+        without a CUDA build or device.
+    """
+    if int(bits) not in LUT_GEMM_BITS:
+        raise ValueError(f"bits must be one of {LUT_GEMM_BITS}, got {bits}")
+    if int(group_size) not in LUT_GEMM_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {LUT_GEMM_GROUP_SIZES}, got {group_size}")
+    bits, group_size = int(bits), int(group_size)
+
+    def run(t: torch.Tensor) -> torch.Tensor:
+        t = as_tensor(t, "x")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"x must have dtype float32, float16 or bfloat16, got {t.dtype}")
+        if t.dim() < 1:
+            raise ValueError("x must have at least one dimension [..., K], got a scalar")
+        k = t.shape[-1]
+        p = as_tensor(packed, "packed")
+        if p.dim() != 2:
+            raise ValueError(f"packed must have 2 dimensions [N, ceil(K / 32) * bits], got shape {list(p.shape)}")
+        n = p.shape[0]
+        p = _check_param("packed", p, _CODE_DTYPES, [n, -(-k // 32) * bits], t.device)
+        group_shape = [n, -(-k // group_size)]
+        s = _check_param("scales", scales, (torch.float16,), group_shape, t.device)
+        z = None if zeros is None else _check_param("zeros", zeros, (torch.float16,), group_shape, t.device)
+        tab = _check_param("table", table, (torch.float32,), [1 << bits], t.device)
+        y = _lut_gemm_op(t.reshape(-1, k).contiguous(), p, s, z, tab, bits, group_size)
+        return y.reshape(*t.shape[:-1], n)
+
+    return with_numpy(run, x)
+
+
+def lut_gemm_cpu_isa(name: Optional[str] = None) -> str:
+    """The CPU path of :func:`lut_gemm` ("avx512", "avx2" or "scalar"); with ``name``, forces that path first
+    ("" restores the default). Raises ValueError for an unknown name or one this CPU cannot run."""
+    return _C.lut_gemm_cpu_isa() if name is None else _C.lut_gemm_set_cpu_isa(str(name))
+
+
+__all__ = ["lut_gemm", "lut_gemm_cpu_isa", "LUT_GEMM_BITS", "LUT_GEMM_GROUP_SIZES"]

@@ -1,0 +1,70 @@
+"""QuantLinear: forward against x @ dequantize(W).T in float64 for each format and incoherence; from_linear,
+state_dict round trip, device moves, replace_linear, quantize_linear, errors, torch.compile."""
+import pytest
+import torch
+from torch import nn
+
+from lowbit.models import quantize_linear
+from lowbit.nn import QuantLinear, replace_linear
+from lowbit.quant import HessianAccumulator
+
+
+def hessian(k, seed=0):
+    acc = HessianAccumulator(k)
+    acc.add(torch.randn(256, k, generator=torch.Generator().manual_seed(seed)))
+    return acc.hessian
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", 2), ("rtn", 3), ("rtn", 4), ("nf", 4), ("gptq", 4), ("quip", 2),
+                                         ("mixed", 2.5)])
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_matches_dequantized(method, bits, m, dtype):
+    lin = nn.Linear(192, 96, bias=True)
+    q = quantize_linear(lin, method, bits, 64, hessian=hessian(192))
+    x = torch.randn(m, 192)
+    ref = x.double() @ q.dequantize().double().T + lin.bias.double()
+    y = q(x.to(dtype))
+    assert y.dtype == dtype and y.shape == (m, 96)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    err = (y.double() - ref).abs().max() / ref.abs().max()
+    assert err < tol, float(err)
+
+
+def test_state_dict_roundtrip_and_repr():
+    lin = nn.Linear(128, 64)
+    q = quantize_linear(lin, "mixed", 3, 32, hessian=hessian(128))
+    q2 = quantize_linear(lin, "mixed", 3, 32, hessian=hessian(128, seed=1))
+    q2.load_state_dict(q.state_dict())
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(q2(x), q(x))
+    assert "format=mixed" in repr(q) and "group_size=32" in repr(q)
+
+
+def test_replace_linear_skips_and_swaps():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    replace_linear(model, lambda name, lin: quantize_linear(lin, "rtn", 4, 32), skip=("2",))
+    assert isinstance(model[0], QuantLinear) and isinstance(model[2], nn.Linear)
+
+
+def test_torch_compile_module():
+    lin = nn.Linear(128, 64)
+    q = quantize_linear(lin, "quip", 4, 32, hessian=hessian(128))
+    x = torch.randn(5, 128)
+    compiled = torch.compile(q, fullgraph=True)
+    torch.testing.assert_close(compiled(x), q(x), rtol=1e-4, atol=1e-4)
+
+
+def test_errors():
+    lin = nn.Linear(64, 32)
+    with pytest.raises(ValueError, match="needs the layer's input Hessian"):
+        quantize_linear(lin, "gptq", 4, 32)
+    with pytest.raises(ValueError, match="method must be one of"):
+        quantize_linear(lin, "awq", 4, 32)
+    q = quantize_linear(lin, "rtn", 4, 32)
+    with pytest.raises(ValueError, match="last dimension 64"):
+        q(torch.randn(2, 32))
+    with pytest.raises(TypeError, match="QuantizedWeight"):
+        QuantLinear(lin.weight)
+    with pytest.raises(ValueError, match="weight has shape"):
+        QuantLinear.from_linear(nn.Linear(32, 32), q.weight)
