@@ -1,6 +1,7 @@
 // Bindings of the quantized KV cache family: key/value quantization and dequantization, decode attention over the
 // packed cache, and the split count of the CUDA decode, with every boundary check before a kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <optional>
 #include <string>

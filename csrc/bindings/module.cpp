@@ -47,4 +47,5 @@ PYBIND11_MODULE(_C, m) {
   lowbit::register_kv(m);
   lowbit::register_lut_gemm(m);
   lowbit::register_vq_gemm(m);
+  lowbit::register_async_dequant(m);
 }

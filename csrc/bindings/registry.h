@@ -8,4 +8,5 @@ void register_pack(pybind11::module_& m);
 void register_kv(pybind11::module_& m);
 void register_lut_gemm(pybind11::module_& m);
 void register_vq_gemm(pybind11::module_& m);
+void register_async_dequant(pybind11::module_& m);
 }  // namespace lowbit

@@ -7,16 +7,11 @@
 #include <stdexcept>
 #include <vector>
 
+#include "cpu/isa_clones.h"
 #include "lowbit/element_io.h"
 
 namespace lowbit {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOWBIT_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOWBIT_ISA_CLONES
-#endif
 
 // Eight floats as one GCC vector: AVX in the v3/v4 clones, SSE pairs in the default one.
 typedef float v8 __attribute__((vector_size(32)));

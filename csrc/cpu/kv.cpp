@@ -13,17 +13,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/isa_clones.h"
 #include "lowbit/element_io.h"
 
 namespace lowbit {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOWBIT_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOWBIT_ISA_CLONES
-#endif
-#define LOWBIT_INLINE inline __attribute__((always_inline))
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));

@@ -12,21 +12,11 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/isa_clones.h"
 #include "lowbit/element_io.h"
 
 namespace lowbit {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LOWBIT_ISA_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LOWBIT_ISA_CLONES
-#endif
-#if defined(__GNUC__)
-#define LOWBIT_INLINE inline __attribute__((always_inline))
-#else
-#define LOWBIT_INLINE inline
-#endif
 
 constexpr int64_t kNoBadCode = std::numeric_limits<int64_t>::max();
 
@@ -195,10 +185,13 @@ LOWBIT_ISA_CLONES void unpack_mixed_row(const uint32_t* words, const uint8_t* gr
   }
 }
 
-// Rows in parallel: f(row, scratch) with `scratch_floats` floats of per-thread scratch.
+// Rows in parallel (threads only when there are at least kParallelCodes codes: waking them costs more below):
+// f(row, scratch) with `scratch_floats` floats of per-thread scratch.
+constexpr int64_t kParallelCodes = int64_t(1) << 16;
+
 template <typename F>
-void for_rows(int64_t rows, int64_t scratch_floats, F f) {
-#pragma omp parallel
+void for_rows(int64_t rows, int64_t k, int64_t scratch_floats, F f) {
+#pragma omp parallel if (rows * k >= kParallelCodes)
   {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats));
 #pragma omp for schedule(static)
@@ -210,7 +203,7 @@ void for_rows(int64_t rows, int64_t scratch_floats, F f) {
 template <typename BitsOf>
 int64_t first_bad_code(const uint8_t* codes, int64_t rows, int64_t k, BitsOf bits_of) {
   int64_t first = kNoBadCode;
-#pragma omp parallel for schedule(static) reduction(min : first)
+#pragma omp parallel for schedule(static) reduction(min : first) if (rows * k >= kParallelCodes)
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = codes + r * k;
     for (int64_t c = 0; c < k; ++c)
@@ -233,7 +226,7 @@ void dequant_uniform_rows(const TensorView& packed, const TensorView& out, int b
   const int64_t rows = out.size(0), k = out.size(1), wpr = words_per_row(k, bits);
   const uint32_t* words = words_in(packed);
   auto* dst = out.ptr<typename IO::storage>();
-  for_rows(rows, params.groups * Params::kScratch, [&](int64_t r, float* scratch) {
+  for_rows(rows, k, params.groups * Params::kScratch, [&](int64_t r, float* scratch) {
     const uint32_t* w = words + r * wpr;
     typename IO::storage* d = dst + r * k;
     switch (bits) {
@@ -266,7 +259,7 @@ void dequant_mixed_rows(const TensorView& packed, const AffineParams& params, co
   const int64_t rows = out.size(0), k = out.size(1), wpr = mixed_words_per_row(group_bits, k, group_size);
   const uint32_t* words = words_in(packed);
   auto* dst = out.ptr<typename IO::storage>();
-  for_rows(rows, params.groups * AffineParams::kScratch, [&](int64_t r, float* scratch) {
+  for_rows(rows, k, params.groups * AffineParams::kScratch, [&](int64_t r, float* scratch) {
     dequant_mixed_row<IO>(words + r * wpr, group_bits, r, k, group_size, params, scratch, dst + r * k);
   });
 }
@@ -280,7 +273,7 @@ void pack_uniform_cpu(const TensorView& codes, const TensorView& packed, int bit
   const int64_t bad = first_bad_code(q, rows, k, [bits](int64_t) { return bits; });
   if (bad != kNoBadCode) throw_bad_code("pack_uniform", q, bad, k, bits, -1);
   uint32_t* words = words_out(packed);
-  for_rows(rows, 0, [&](int64_t r, float*) { pack_group(q + r * k, k, bits, words + r * wpr); });
+  for_rows(rows, k, 0, [&](int64_t r, float*) { pack_group(q + r * k, k, bits, words + r * wpr); });
 }
 
 void unpack_cpu(const TensorView& packed, const TensorView& codes, int bits) {
@@ -288,7 +281,7 @@ void unpack_cpu(const TensorView& packed, const TensorView& codes, int bits) {
   const int64_t rows = codes.size(0), k = codes.size(1), wpr = words_per_row(k, bits);
   const uint32_t* words = words_in(packed);
   auto* q = codes.ptr<uint8_t>();
-  for_rows(rows, 0, [&](int64_t r, float*) {
+  for_rows(rows, k, 0, [&](int64_t r, float*) {
     switch (bits) {
       case 2: unpack_row<2>(words + r * wpr, k, q + r * k); break;
       case 3: unpack_row<3>(words + r * wpr, k, q + r * k); break;
@@ -322,7 +315,7 @@ void pack_mixed_cpu(const TensorView& codes, const TensorView& group_bits, const
     throw_bad_code("pack_mixed", q, bad, k, gb[g], g);
   }
   uint32_t* words = words_out(packed);
-  for_rows(rows, 0, [&](int64_t r, float*) {
+  for_rows(rows, k, 0, [&](int64_t r, float*) {
     int64_t offset = 0;
     for (int64_t g = 0; g * group_size < k; ++g) {
       const int64_t len = std::min<int64_t>(group_size, k - g * group_size);
@@ -339,7 +332,7 @@ void unpack_mixed_cpu(const TensorView& packed, const TensorView& group_bits, co
   const int64_t wpr = mixed_words_per_row(gb, k, group_size);
   const uint32_t* words = words_in(packed);
   auto* q = codes.ptr<uint8_t>();
-  for_rows(rows, 0, [&](int64_t r, float*) { unpack_mixed_row(words + r * wpr, gb, k, group_size, q + r * k); });
+  for_rows(rows, k, 0, [&](int64_t r, float*) { unpack_mixed_row(words + r * wpr, gb, k, group_size, q + r * k); });
 }
 
 void dequantize_mixed_cpu(const TensorView& packed, const TensorView& scales, const TensorView& zeros,

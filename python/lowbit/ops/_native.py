@@ -22,10 +22,18 @@ def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """t as a numpy array; bfloat16, which numpy lacks, is a TypeError that says what to do instead."""
+    if t.dtype == torch.bfloat16:
+        raise TypeError("dtype torch.bfloat16 has no numpy equivalent: pass torch tensors to get a bfloat16 result, "
+                        "or ask for torch.float32 / torch.float16")
+    return t.numpy()
+
+
 def with_numpy(fn: Callable[..., torch.Tensor], x, *args, **kwargs):
     """Calls fn on torch tensors; numpy arrays in the first argument come back as numpy arrays."""
     if isinstance(x, np.ndarray):
-        return fn(torch.from_numpy(np.ascontiguousarray(x)), *args, **kwargs).numpy()
+        return to_numpy(fn(torch.from_numpy(np.ascontiguousarray(x)), *args, **kwargs))
     return fn(x, *args, **kwargs)
 
 
@@ -38,4 +46,4 @@ def as_tensor(value, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
-__all__ = ["_C", "capsule", "stream_of", "with_numpy", "as_tensor"]
+__all__ = ["_C", "capsule", "stream_of", "with_numpy", "to_numpy", "as_tensor"]

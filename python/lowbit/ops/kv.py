@@ -22,7 +22,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, stream_of, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, stream_of, to_numpy, with_numpy
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -99,6 +99,10 @@ def _check_lengths(t, name: str, batch: int, device: torch.device) -> torch.Tens
     t = as_tensor(t, name)
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name} must have an integer dtype (int32 is used as is), got {t.dtype}")
+    if t.dtype != torch.int32 and t.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(t.min()), int(t.max())
+        if lo < -2**31 or hi >= 2**31:
+            raise ValueError(f"{name} must fit in int32, got values in [{lo}, {hi}]")
     return _check_like(t.to(torch.int32), name, [batch], (torch.int32,), device, "q")
 
 
@@ -109,7 +113,7 @@ def _check_out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _numpy_out(numpy_in: bool, outs: tuple[torch.Tensor, ...]):
-    return tuple(o.numpy() for o in outs) if numpy_in else outs
+    return tuple(to_numpy(o) for o in outs) if numpy_in else outs
 
 
 # ---------------------------------------------------------------------------------------------------------------

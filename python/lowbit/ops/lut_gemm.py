@@ -75,11 +75,10 @@ def lut_gemm(x: Array, packed: Array, scales: Array, table: Array, bits: int, gr
         group_size (the message names the argument, what was expected and what came). RuntimeError: CUDA tensors
         without a CUDA build or device.
     """
-    if int(bits) not in LUT_GEMM_BITS:
-        raise ValueError(f"bits must be one of {LUT_GEMM_BITS}, got {bits}")
-    if int(group_size) not in LUT_GEMM_GROUP_SIZES:
-        raise ValueError(f"group_size must be one of {LUT_GEMM_GROUP_SIZES}, got {group_size}")
-    bits, group_size = int(bits), int(group_size)
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in LUT_GEMM_BITS:
+        raise ValueError(f"bits must be one of {LUT_GEMM_BITS}, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in LUT_GEMM_GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {LUT_GEMM_GROUP_SIZES}, got {group_size!r}")
 
     def run(t: torch.Tensor) -> torch.Tensor:
         t = as_tensor(t, "x")

@@ -1,0 +1,102 @@
+// Bindings of the asynchronous-dequantization 2-bit GEMM family: int8 activation quantization and the GEMM over
+// the aligned weight layout, with every boundary check before a kernel runs.
+#include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "bindings/device.h"
+#include "bindings/dlpack_view.h"
+#include "bindings/registry.h"
+#include "lowbit/async_dequant.h"
+#include "lowbit/pack.h"
+
+namespace py = pybind11;
+
+namespace lowbit {
+namespace {
+
+void check_group_size(const char* op, int group_size) {
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    throw std::invalid_argument(std::string(op) + ": group_size must be 32, 64 or 128, got " +
+                                std::to_string(group_size));
+}
+
+void check_operand(const TensorView& t, const TensorView& ref, const char* op, const char* arg, const char* ref_name,
+                   std::initializer_list<DType> dtypes, const std::vector<int64_t>& shape) {
+  check_dtype(t, op, arg, dtypes);
+  check_ndim(t, op, arg, int(shape.size()));
+  check_shape(t, op, arg, shape);
+  check_contiguous(t, op, arg);
+  check_same_device(t, ref, op, arg, ref_name);
+  check_int32_indexable(t, op, arg);
+}
+
+void quantize_activations(const py::capsule& xc, const py::capsule& xqc, const py::capsule& dc, int group_size,
+                          int64_t stream) {
+  const char* op = "quantize_activations";
+  check_group_size(op, group_size);
+  const TensorView x = view_from_capsule(xc, op, "x");
+  const TensorView xq = view_from_capsule(xqc, op, "xq", true);
+  const TensorView d = view_from_capsule(dc, op, "d", true);
+  check_dtype(x, op, "x", {DType::f32, DType::f16, DType::bf16});
+  check_ndim(x, op, "x", 2);
+  check_contiguous(x, op, "x");
+  check_int32_indexable(x, op, "x");
+  const int64_t m = x.size(0), k = x.size(1);
+  if (k < 1) throw std::invalid_argument(std::string(op) + ": x must have K >= 1 columns, got shape " + x.shape_str());
+  check_operand(xq, x, op, "xq", "x", {DType::i8}, {m, aligned_padded_k(k)});
+  check_operand(d, x, op, "d", "x", {DType::f32}, {m, groups_for(k, group_size)});
+  if (x.device == Device::cuda) {
+    LOWBIT_RUN_CUDA(op, quantize_activations_cuda(x, xq, d, group_size, stream));
+    return;
+  }
+  py::gil_scoped_release release;
+  quantize_activations_cpu(x, xq, d, group_size);
+}
+
+void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule& packedc,
+                        const py::capsule& scalesc, const py::capsule& zerosc, const py::capsule& outc, int64_t k,
+                        int group_size, int64_t stream) {
+  const char* op = "async_dequant_gemm";
+  check_group_size(op, group_size);
+  if (k < 1) throw std::invalid_argument(std::string(op) + ": k must be >= 1, got " + std::to_string(k));
+  const TensorView xq = view_from_capsule(xqc, op, "xq");
+  const TensorView d = view_from_capsule(dc, op, "d");
+  const TensorView packed = view_from_capsule(packedc, op, "packed");
+  const TensorView scales = view_from_capsule(scalesc, op, "scales");
+  const TensorView zeros = view_from_capsule(zerosc, op, "zeros");
+  const TensorView out = view_from_capsule(outc, op, "out", true);
+  check_dtype(xq, op, "xq", {DType::i8});
+  check_ndim(xq, op, "xq", 2);
+  const int64_t m = xq.size(0), groups = groups_for(k, group_size);
+  check_operand(xq, xq, op, "xq", "xq", {DType::i8}, {m, aligned_padded_k(k)});
+  check_operand(d, xq, op, "d", "xq", {DType::f32}, {m, groups});
+  check_dtype(packed, op, "packed", {DType::i32, DType::u32});
+  check_ndim(packed, op, "packed", 2);
+  const int64_t n = packed.size(0);
+  check_operand(packed, xq, op, "packed", "xq", {DType::i32, DType::u32}, {n, aligned_words_per_row(k)});
+  check_operand(scales, xq, op, "scales", "xq", {DType::f16}, {n, groups});
+  check_operand(zeros, xq, op, "zeros", "xq", {DType::f16}, {n, groups});
+  check_operand(out, xq, op, "out", "xq", {DType::f32, DType::f16, DType::bf16}, {m, n});
+  if (xq.device == Device::cuda) {
+    check_aligned(xq, op, "xq", 16);  // 16-byte cp.async copies
+    check_aligned(packed, op, "packed", 16);
+    LOWBIT_RUN_CUDA(op, async_dequant_gemm_cuda(xq, d, packed, scales, zeros, out, k, group_size, stream));
+    return;
+  }
+  py::gil_scoped_release release;
+  async_dequant_gemm_cpu(xq, d, packed, scales, zeros, out, k, group_size);
+}
+
+}  // namespace
+
+void register_async_dequant(py::module_& m) {
+  m.def("quantize_activations", &quantize_activations, py::arg("x"), py::arg("xq"), py::arg("d"),
+        py::arg("group_size"), py::arg("stream"),
+        "Symmetric int8 quantization of x [M, K] per row and group: xq [M, ceil(K/128)*128], d [M, groups].");
+  m.def("async_dequant_gemm", &async_dequant_gemm, py::arg("xq"), py::arg("d"), py::arg("packed"),
+        py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("k"), py::arg("group_size"), py::arg("stream"),
+        "out = dequant(xq, d) . W_hat^T for a 2-bit weight in the aligned layout (async_dequant.h).");
+}
+
+}  // namespace lowbit

@@ -1,0 +1,202 @@
+// CUDA asynchronous-dequantization 2-bit GEMM over the aligned layout (async_dequant.h), after "Enabling Fast
+// 2-bit LLM on GPUs: Memory Alignment and Asynchronous Dequantization", and the int8 activation quantization.
+// GEMM: a CUDA block of 128 threads owns 16 weight rows and up to 4 rows of x (grid.y walks further rows of x).
+// K is walked in tiles of 512 codes, two shared-memory stages deep: while tile t is multiplied, tile t + 1's
+// codes (16 rows x 128 bytes) and activations (4 rows x 512 int8) are in flight as 16-byte cp.async copies, and
+// tile t's scales and zeros are loaded into registers before the wait. Thread (row r = tid / 8, piece j = tid % 8)
+// owns 16 bytes of chunk j / 2 of its row: for each run c = 0..3 one shift + mask per word gives 4 codes as bytes,
+// multiplied with 4 int8 activations by dp4a (exact int32), then scaled by scale * d in fp32. Activation chunks
+// sit 160 bytes apart in shared memory, so the 8 pieces of a row hit 8 distinct bank quads. The 8 threads of a
+// row are reduced by shuffles. Before sm_80 (no cp.async) the copies are plain 16-byte loads and stores.
+// Activation quantization: one warp per (row of x, group), a max reduction over shuffles, then the codes.
+#include <algorithm>
+
+#include "lowbit/async_dequant.h"
+#include "lowbit/cuda_utils.cuh"
+#include "lowbit/element_io.h"
+#include "lowbit/half.h"
+
+namespace lowbit {
+namespace {
+
+constexpr int kThreads = 128;
+constexpr int kRows = 16;          // weight rows per CUDA block
+constexpr int kPieces = 8;         // 16-byte pieces per row and tile
+constexpr int kMb = 4;             // rows of x per CUDA block
+constexpr int kTileChunks = 4;     // 128-code chunks per tile (512 codes)
+constexpr int kXChunkStride = 160; // bytes between activation chunks in shared memory (128 + 32 of padding)
+
+__device__ __forceinline__ void copy16(void* smem, const void* gmem) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+#else
+  *reinterpret_cast<uint4*>(smem) = __ldg(reinterpret_cast<const uint4*>(gmem));
+#endif
+}
+__device__ __forceinline__ void copy_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void copy_wait_all_but_one() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}
+
+struct Stage {
+  uint8_t codes[kRows][kPieces * 16];
+  uint8_t x[kMb][kTileChunks * kXChunkStride];
+};
+
+template <typename IO>
+__global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
+    const int8_t* __restrict__ xq, const float* __restrict__ d, const uint8_t* __restrict__ packed,
+    const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros, typename IO::storage* __restrict__ out,
+    int m, int n, int k, int kp, int groups, int group_size) {
+  __shared__ __align__(16) Stage stages[2];
+  const int tid = threadIdx.x;
+  const int r = tid / kPieces, j = tid % kPieces;
+  const int row = blockIdx.x * kRows + r;
+  const int m0 = blockIdx.y * kMb;
+  const int mb = min(kMb, m - m0);
+  const int chunks = int(aligned_chunks(k));
+  const int tiles = (chunks + kTileChunks - 1) / kTileChunks;
+  const int64_t row_bytes = int64_t(chunks) * 32;
+
+  auto load_tile = [&](int t, Stage& s) {
+    const int ch = t * kTileChunks + j / 2;
+    if (row < n && ch < chunks) copy16(&s.codes[r][j * 16], packed + row * row_bytes + ch * 32 + (j % 2) * 16);
+    const int xm = tid / 32, piece = tid % 32, xch = t * kTileChunks + piece / 8;
+    if (xm < mb && xch < chunks)
+      copy16(&s.x[xm][(piece / 8) * kXChunkStride + (piece % 8) * 16],
+             xq + int64_t(m0 + xm) * kp + int64_t(xch) * kAlignedChunkCodes + (piece % 8) * 16);
+    copy_commit();
+  };
+
+  float acc[kMb] = {0.0f, 0.0f, 0.0f, 0.0f};
+  load_tile(0, stages[0]);
+  for (int t = 0; t < tiles; ++t) {
+    if (t + 1 < tiles)
+      load_tile(t + 1, stages[(t + 1) & 1]);
+    else
+      copy_commit();  // an empty group keeps "all but one" meaning "tile t has landed"
+    const int ch = t * kTileChunks + j / 2;
+    const bool live = row < n && ch < chunks;
+    // Scales and zeros of the thread's 4 runs, issued before the wait so that they overlap it.
+    float sc[4], zc[4];
+    int gc[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int krun = ch * kAlignedChunkCodes + 32 * c;
+      gc[c] = live && krun < k ? krun / group_size : -1;
+      sc[c] = gc[c] >= 0 ? half_to_float(scales[int64_t(row) * groups + gc[c]]) : 0.0f;
+      zc[c] = gc[c] >= 0 ? half_to_float(zeros[int64_t(row) * groups + gc[c]]) : 0.0f;
+    }
+    copy_wait_all_but_one();
+    __syncthreads();
+    const Stage& s = stages[t & 1];
+    if (live) {
+      const uint4 cw = *reinterpret_cast<const uint4*>(&s.codes[r][j * 16]);
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        if (gc[c] < 0) continue;
+        const uint32_t q0 = (cw.x >> (2 * c)) & 0x03030303u, q1 = (cw.y >> (2 * c)) & 0x03030303u;
+        const uint32_t q2 = (cw.z >> (2 * c)) & 0x03030303u, q3 = (cw.w >> (2 * c)) & 0x03030303u;
+#pragma unroll
+        for (int i = 0; i < kMb; ++i) {
+          if (i >= mb) break;
+          const uint4 xw = *reinterpret_cast<const uint4*>(&s.x[i][(j / 2) * kXChunkStride + 32 * c + (j % 2) * 16]);
+          int dot = __dp4a(int(q0), int(xw.x), 0);
+          dot = __dp4a(int(q1), int(xw.y), dot);
+          dot = __dp4a(int(q2), int(xw.z), dot);
+          dot = __dp4a(int(q3), int(xw.w), dot);
+          int xs = __dp4a(0x01010101, int(xw.x), 0);
+          xs = __dp4a(0x01010101, int(xw.y), xs);
+          xs = __dp4a(0x01010101, int(xw.z), xs);
+          xs = __dp4a(0x01010101, int(xw.w), xs);
+          acc[i] += async_group_term(sc[c], zc[c], d[int64_t(m0 + i) * groups + gc[c]], dot, xs);
+        }
+      }
+    }
+    __syncthreads();  // the stage is refilled by the next iteration's copies
+  }
+#pragma unroll
+  for (int i = 0; i < kMb; ++i) {
+#pragma unroll
+    for (int off = kPieces / 2; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+    if (j == 0 && row < n && i < mb) IO::store(out, int64_t(m0 + i) * n + row, acc[i]);
+  }
+}
+
+template <typename IO>
+__global__ void quantize_activations_kernel(const typename IO::storage* __restrict__ x, int8_t* __restrict__ xq,
+                                            float* __restrict__ d, int m, int k, int kp, int groups,
+                                            int group_size) {
+  const int warp = (blockIdx.x * blockDim.x + threadIdx.x) / 32, lane = threadIdx.x % 32;
+  if (warp >= m * groups) return;
+  const int i = warp / groups, g = warp % groups;
+  const int k0 = g * group_size, k1 = min(k, k0 + group_size);
+  float amax = 0.0f;
+  for (int c = k0 + lane; c < k1; c += 32) amax = fmaxf(amax, fabsf(IO::load(x, int64_t(i) * k + c)));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  const float mul = act_quant_multiplier(amax);
+  if (lane == 0) d[int64_t(i) * groups + g] = act_quant_scale(amax);
+  for (int c = k0 + lane; c < k1; c += 32) xq[int64_t(i) * kp + c] = act_quant_code(IO::load(x, int64_t(i) * k + c), mul);
+  if (g == groups - 1)
+    for (int c = k + lane; c < kp; c += 32) xq[int64_t(i) * kp + c] = 0;
+}
+
+template <typename IO>
+void quantize(const TensorView& x, const TensorView& xq, const TensorView& d, int group_size, cudaStream_t stream) {
+  const int m = int(x.size(0)), k = int(x.size(1)), groups = int(d.size(1));
+  const int64_t warps = int64_t(m) * groups;
+  if (warps == 0) return;
+  const int threads = 256;
+  quantize_activations_kernel<IO><<<unsigned((warps * 32 + threads - 1) / threads), threads, 0, stream>>>(
+      static_cast<const typename IO::storage*>(x.data), xq.ptr<int8_t>(), d.ptr<float>(), m, k, int(xq.size(1)),
+      groups, group_size);
+  cuda_check_launch("quantize_activations_kernel");
+}
+
+template <typename IO>
+void gemm(const TensorView& xq, const TensorView& d, const TensorView& packed, const TensorView& scales,
+          const TensorView& zeros, const TensorView& out, int64_t k, int group_size, cudaStream_t stream) {
+  const int m = int(xq.size(0)), n = int(packed.size(0));
+  const dim3 grid(unsigned((n + kRows - 1) / kRows), unsigned((m + kMb - 1) / kMb));
+  async_dequant_gemm_kernel<IO><<<grid, kThreads, 0, stream>>>(
+      xq.ptr<int8_t>(), d.ptr<float>(), static_cast<const uint8_t*>(packed.data), scales.ptr<uint16_t>(),
+      zeros.ptr<uint16_t>(), static_cast<typename IO::storage*>(out.data), m, n, int(k), int(xq.size(1)),
+      int(d.size(1)), group_size);
+  cuda_check_launch("async_dequant_gemm_kernel");
+}
+
+}  // namespace
+
+void quantize_activations_cuda(const TensorView& x, const TensorView& xq, const TensorView& d, int group_size,
+                               int64_t stream) {
+  DeviceGuard guard(x.device_id);
+  switch (x.dtype) {
+    case DType::f32: quantize<F32>(x, xq, d, group_size, as_stream(stream)); break;
+    case DType::f16: quantize<F16>(x, xq, d, group_size, as_stream(stream)); break;
+    case DType::bf16: quantize<BF16>(x, xq, d, group_size, as_stream(stream)); break;
+    default: throw type_error("quantize_activations: x must be float32, float16 or bfloat16");
+  }
+}
+
+void async_dequant_gemm_cuda(const TensorView& xq, const TensorView& d, const TensorView& packed,
+                             const TensorView& scales, const TensorView& zeros, const TensorView& out, int64_t k,
+                             int group_size, int64_t stream) {
+  if (xq.size(0) == 0 || packed.size(0) == 0) return;
+  DeviceGuard guard(xq.device_id);
+  switch (out.dtype) {
+    case DType::f32: gemm<F32>(xq, d, packed, scales, zeros, out, k, group_size, as_stream(stream)); break;
+    case DType::f16: gemm<F16>(xq, d, packed, scales, zeros, out, k, group_size, as_stream(stream)); break;
+    case DType::bf16: gemm<BF16>(xq, d, packed, scales, zeros, out, k, group_size, as_stream(stream)); break;
+    default: throw type_error("async_dequant_gemm: out must be float32, float16 or bfloat16");
+  }
+}
+
+}  // namespace lowbit

@@ -1,0 +1,260 @@
+"""The asynchronous-dequantization 2-bit GEMM: the aligned layout against a numpy bit-level reference, the int8
+activation quantization against its formula, and the GEMM against float64 references (tight: the integer
+formula over the rounded activations; loose, bounded: x @ W_hat.T), on many shapes, dtypes and group sizes;
+the portable CPU path; bad input; torch.compile; CUDA against CPU (gpu)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import lowbit
+from lowbit.ops import (aligned_from_codes, aligned_words_per_row, async_dequant_gemm, dequantize_uniform,
+                        pack_uniform, prepare_async_dequant, quantize_activations)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def reference_aligned(codes: np.ndarray) -> np.ndarray:
+    """Byte b of chunk t holds at bits [2c, 2c+2) the code of k = 128 t + 32 c + b; returned as int32 words."""
+    n, k = codes.shape
+    chunks = -(-k // 128)
+    out = np.zeros((n, chunks * 32), dtype=np.uint8)
+    for col in range(k):
+        byte = (col // 128) * 32 + col % 32
+        out[:, byte] |= (codes[:, col].astype(np.uint8) << (2 * ((col // 32) % 4))).astype(np.uint8)
+    return out.view(np.int32)
+
+
+def reference_activations(x: torch.Tensor, group_size: int):
+    """(xq [M, K] int, d [M, groups]) by the formula of async_dequant.h, in float32 like the kernels."""
+    xf = x.float().numpy()
+    m, k = xf.shape
+    groups = -(-k // group_size)
+    xq = np.zeros((m, k), dtype=np.int64)
+    d = np.zeros((m, groups), dtype=np.float32)
+    for g in range(groups):
+        cols = slice(g * group_size, min(k, (g + 1) * group_size))
+        amax = np.abs(xf[:, cols]).max(axis=1)
+        with np.errstate(divide="ignore"):
+            mul = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        d[:, g] = amax / np.float32(127)
+        xq[:, cols] = np.clip(np.rint(xf[:, cols] * mul[:, None]), -127, 127)
+    return xq, d
+
+
+def random_weight(n: int, k: int, group_size: int, gen: torch.Generator):
+    groups = -(-k // group_size)
+    codes = torch.randint(0, 4, (n, k), dtype=torch.uint8, generator=gen)
+    scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.001).half()
+    zeros = (torch.rand(n, groups, generator=gen) * 3).half()
+    return codes, scales, zeros
+
+
+def exact_reference(xq: np.ndarray, d: np.ndarray, codes, scales, zeros, group_size: int) -> np.ndarray:
+    """y[m, n] = sum_g s * d * (q . xq - z * sum xq) in float64."""
+    q = codes.numpy().astype(np.float64)
+    s, z = scales.double().numpy(), zeros.double().numpy()
+    m, k = xq.shape
+    y = np.zeros((m, q.shape[0]))
+    for g in range(d.shape[1]):
+        cols = slice(g * group_size, min(k, (g + 1) * group_size))
+        dot = xq[:, cols].astype(np.float64) @ q[:, cols].T
+        xs = xq[:, cols].sum(axis=1).astype(np.float64)
+        y += d[:, g:g + 1].astype(np.float64) * s[:, g] * (dot - xs[:, None] * z[:, g])
+    return y
+
+
+def run_case(m, k, n, group_size, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes, scales, zeros = random_weight(n, k, group_size, gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = async_dequant_gemm(x, aligned_from_codes(codes), scales, zeros, group_size)
+    return x, codes, scales, zeros, y
+
+
+def assert_close_to_exact(x, codes, scales, zeros, y, group_size):
+    xq, d = reference_activations(x, group_size)
+    ref = exact_reference(xq, d, codes, scales, zeros, group_size)
+    unit = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[y.dtype]
+    scale = np.abs(ref).max() + 1e-30
+    err = np.abs(y.double().numpy() - ref).max()
+    assert err <= (4 * unit + 1e-5) * scale, f"max error {err:.3g} vs output scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("k", [1, 31, 32, 100, 128, 129, 576, 1000])
+def test_aligned_layout_matches_reference(k):
+    gen = torch.Generator().manual_seed(k)
+    codes = torch.randint(0, 4, (5, k), dtype=torch.uint8, generator=gen)
+    aligned = aligned_from_codes(codes)
+    assert aligned.dtype == torch.int32 and aligned.shape == (5, aligned_words_per_row(k))
+    np.testing.assert_array_equal(aligned.numpy(), reference_aligned(codes.numpy()))
+    np.testing.assert_array_equal(prepare_async_dequant(pack_uniform(codes, 2), k).numpy(), aligned.numpy())
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [1, 45, 128, 576, 1000])
+def test_activation_quantization_matches_formula(k, dtype, group_size):
+    x = (torch.randn(3, k, generator=torch.Generator().manual_seed(k)) * 4).to(dtype)
+    x[1, : min(k, group_size)] = 0  # an all-zero group: d = 0, codes 0
+    xq, d = quantize_activations(x, group_size)
+    ref_q, ref_d = reference_activations(x, group_size)
+    assert xq.shape == (3, -(-k // 128) * 128) and xq.dtype == torch.int8
+    np.testing.assert_array_equal(xq[:, :k].numpy(), ref_q)
+    assert not xq[:, k:].any(), "padding past K must be zero"
+    np.testing.assert_array_equal(d.numpy(), ref_d)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 33, 64, 65, 128])
+def test_rows_of_x(m):
+    assert_close_to_exact(*run_case(m, 576, 37, 64, torch.float32, seed=m), 64)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("k,n", [(32, 1), (100, 5), (576, 64), (1000, 17), (1536, 20), (4096, 3)])
+def test_shapes_and_groups(k, n, group_size):
+    assert_close_to_exact(*run_case(3, k, n, group_size, torch.float32, seed=k + n), group_size)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 6, 70])
+def test_dtypes(m, dtype):
+    x, codes, scales, zeros, y = run_case(m, 640, 33, 128, dtype, seed=m)
+    assert y.dtype == dtype
+    assert_close_to_exact(x, codes, scales, zeros, y, 128)
+
+
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_error_against_unrounded_activations_is_bounded(group_size):
+    """|y - x @ W_hat.T| <= sum_k |W_hat[n, k]| * d[m, g(k)] / 2 (+ fp32 rounding)."""
+    m, k, n = 4, 1000, 50
+    x, codes, scales, zeros, y = run_case(m, k, n, group_size, torch.float32, seed=3)
+    w = dequantize_uniform(pack_uniform(codes, 2), scales, zeros, 2, group_size, k).double()
+    exact = x.double() @ w.T
+    _, d = reference_activations(x, group_size)
+    d_cols = np.repeat(d, group_size, axis=1)[:, :k]
+    bound = (d_cols / 2) @ w.abs().numpy().T
+    err = np.abs(y.double().numpy() - exact.numpy())
+    assert (err <= bound * 1.001 + 1e-5 * np.abs(exact.numpy()).max()).all()
+    rel = np.linalg.norm(y.double().numpy() - exact.numpy()) / np.linalg.norm(exact.numpy())
+    assert rel < 2e-2, f"relative error {rel:.3g} of int8 activations is too large"
+
+
+@given(m=st.integers(1, 9), k=st.integers(1, 700), n=st.integers(1, 40), group_size=st.sampled_from([32, 64, 128]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
+def test_random_configurations(m, k, n, group_size, dtype, seed):
+    assert_close_to_exact(*run_case(m, k, n, group_size, dtype, seed=seed), group_size)
+
+
+def test_batch_dims_and_numpy():
+    gen = torch.Generator().manual_seed(1)
+    codes, scales, zeros = random_weight(9, 300, 64, gen)
+    packed = aligned_from_codes(codes)
+    x = torch.randn(2, 3, 300, generator=gen)
+    y = async_dequant_gemm(x, packed, scales, zeros, 64)
+    assert y.shape == (2, 3, 9)
+    torch.testing.assert_close(y.reshape(6, 9), async_dequant_gemm(x.reshape(6, 300), packed, scales, zeros, 64))
+    y_np = async_dequant_gemm(x.numpy(), packed, scales, zeros, 64)
+    assert isinstance(y_np, np.ndarray)
+    np.testing.assert_array_equal(y_np, y.numpy())
+
+
+def test_empty_rows_and_outputs():
+    gen = torch.Generator().manual_seed(2)
+    codes, scales, zeros = random_weight(4, 64, 32, gen)
+    assert async_dequant_gemm(torch.zeros(0, 64), aligned_from_codes(codes), scales, zeros, 32).shape == (0, 4)
+    empty = aligned_from_codes(torch.zeros(0, 64, dtype=torch.uint8))
+    y = async_dequant_gemm(torch.randn(3, 64), empty, scales[:0], zeros[:0], 32)
+    assert y.shape == (3, 0)
+
+
+def test_portable_path_agrees_with_simd():
+    """The portable C++ path (LOWBIT_CPU_ISA=scalar) computes the same integers as the AVX2 one."""
+    script = (
+        "import sys, torch\n"
+        "from lowbit.ops import aligned_from_codes, async_dequant_gemm\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "codes = torch.randint(0, 4, (21, 700), dtype=torch.uint8, generator=g)\n"
+        "s = (torch.rand(21, 11, generator=g) * 0.02).half(); z = (torch.rand(21, 11, generator=g) * 3).half()\n"
+        "x = torch.randn(6, 700, generator=g)\n"
+        "sys.stdout.buffer.write(async_dequant_gemm(x, aligned_from_codes(codes), s, z, 64).numpy().tobytes())\n")
+    outs = []
+    for isa in ("scalar", ""):
+        env = dict(os.environ, LOWBIT_CPU_ISA=isa)
+        raw = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, check=True).stdout
+        outs.append(np.frombuffer(raw, dtype=np.float32).reshape(6, 21))
+    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match,exc", [
+    (dict(group_size=48), "group_size must be one of", ValueError),
+    (dict(x=torch.zeros(2, 64, dtype=torch.int32)), "x must have dtype", TypeError),
+    (dict(packed=torch.zeros(3, 16, dtype=torch.int32)), r"packed must be int32 \[N, 8\]", ValueError),
+    (dict(packed=torch.zeros(3, 8, dtype=torch.int64)), "packed must be int32", ValueError),
+    (dict(scales=torch.zeros(3, 2)), "scales must have dtype float16", TypeError),
+    (dict(zeros=torch.zeros(3, 3).half()), r"zeros must have shape \[3, 2\]", ValueError),
+    (dict(x=torch.zeros(2, 0)), "K >= 1", ValueError),
+])
+def test_bad_input(bad, match, exc):
+    args = dict(x=torch.randn(2, 64), packed=aligned_from_codes(torch.zeros(3, 64, dtype=torch.uint8)),
+                scales=torch.ones(3, 2).half(), zeros=torch.zeros(3, 2).half(), group_size=32)
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        async_dequant_gemm(**args)
+
+
+def test_bad_codes_and_activations():
+    with pytest.raises(ValueError, match="codes must be 2-bit"):
+        aligned_from_codes(torch.full((2, 40), 4, dtype=torch.uint8))
+    with pytest.raises(TypeError, match="codes must be a uint8 tensor"):
+        aligned_from_codes(torch.zeros(2, 40, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"x must have shape \[M, K\]"):
+        quantize_activations(torch.zeros(2, 3, 4), 32)
+
+
+def test_native_checks_xq_width():
+    xq = torch.zeros(2, 64, dtype=torch.int8)  # must be padded to 128
+    with pytest.raises(ValueError, match="xq"):
+        lowbit._C.async_dequant_gemm(*(torch.utils.dlpack.to_dlpack(t) for t in (
+            xq, torch.zeros(2, 2), torch.zeros(3, 8, dtype=torch.int32), torch.ones(3, 2).half(),
+            torch.zeros(3, 2).half(), torch.zeros(2, 3))), 64, 32, 0)
+
+
+def test_torch_compile_fullgraph():
+    gen = torch.Generator().manual_seed(4)
+    codes, scales, zeros = random_weight(16, 256, 128, gen)
+    packed = aligned_from_codes(codes)
+    x = torch.randn(3, 256, generator=gen)
+
+    def f(x):
+        return async_dequant_gemm(x, packed, scales, zeros, 128) * 2
+
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x), f(x))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 64])
+@pytest.mark.parametrize("k,n,group_size", [(576, 64, 64), (4096, 1000, 128), (1000, 33, 32), (11008, 256, 128)])
+def test_cuda_matches_cpu(m, k, n, group_size, dtype):
+    x, codes, scales, zeros, y = run_case(m, k, n, group_size, dtype, seed=m + k)
+    packed = aligned_from_codes(codes)
+    xq_cpu, d_cpu = quantize_activations(x, group_size)
+    xq_gpu, d_gpu = quantize_activations(x.cuda(), group_size)
+    torch.testing.assert_close(xq_gpu.cpu(), xq_cpu, rtol=0, atol=0)
+    torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=0, atol=0)
+    y_gpu = async_dequant_gemm(x.cuda(), packed.cuda(), scales.cuda(), zeros.cuda(), group_size)
+    assert_close_to_exact(x, codes, scales, zeros, y_gpu.cpu(), group_size)
+    torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=1e-3, atol=1e-3 * y.float().abs().max().item())
+
+
+@pytest.mark.gpu
+def test_cuda_prepare_matches_cpu():
+    codes = torch.randint(0, 4, (7, 1000), dtype=torch.uint8)
+    torch.testing.assert_close(prepare_async_dequant(pack_uniform(codes.cuda(), 2), 1000).cpu(),
+                               aligned_from_codes(codes), rtol=0, atol=0)
