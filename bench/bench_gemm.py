@@ -1,12 +1,13 @@
 """Quantized GEMM speed (y = x W^T) on the shapes of a 7B model's linears, M = 1, 4, 16, 64 rows of x: lowbit's
-LUT GEMM at 2/3/4 bits (affine codes, group 128) and VQ GEMM (2 bits/weight) against torch dense fp32 and bf16
+LUT GEMM at 2/3/4 bits (affine codes, group 128), the async-dequant 2-bit GEMM (int8 activations) and VQ GEMM
+(2 bits/weight) against torch dense fp32 and bf16
 and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through more memory than the L3
 (bench/memory.py), so the numbers are what a decoding step sees; GB/s counts the bytes of the weight's storage
 (codes + scales + zeros, or the dense matrix) and `of_bw` is that over the measured read bandwidth."""
 import pytest
 import torch
 
-from lowbit.ops import lut_gemm, pack_uniform, vq_gemm
+from lowbit.ops import aligned_from_codes, async_dequant_gemm, lut_gemm, pack_uniform, vq_gemm
 from memory import cycling, nbytes, read_bandwidth
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
@@ -43,6 +44,22 @@ def test_lowbit_lut_gemm(benchmark, k, n, m, bits):
     table = torch.arange(2**bits, dtype=torch.float32)
     x = torch.randn(m, k)
     _run(benchmark, operands, lambda x, p, s, z: lut_gemm(x, p, s, table, bits, GROUP, zeros=z), x)
+    _report(benchmark, nbytes(operands()))
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
+def test_lowbit_async_dequant_gemm_2bit(benchmark, k, n, m):
+    _case(benchmark, k, n, m)
+    g = -(-k // GROUP)
+
+    def make():
+        codes = torch.randint(0, 4, (n, k), dtype=torch.uint8)
+        return aligned_from_codes(codes), (torch.rand(n, g) * 0.01).half(), torch.full((n, g), 2.0).half()
+
+    operands = cycling(make)
+    x = torch.randn(m, k)
+    _run(benchmark, operands, lambda x, p, s, z: async_dequant_gemm(x, p, s, z, GROUP), x)
     _report(benchmark, nbytes(operands()))
 
 

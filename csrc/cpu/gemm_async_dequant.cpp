@@ -30,11 +30,17 @@ constexpr int kRowsPerTask = 16;
 constexpr int64_t kXRowsPerTask = 64;
 constexpr int kMaxMr = 4;
 
+struct AsyncArgs;
+using RowsFn = void (*)(const AsyncArgs&, int64_t, int64_t);
+struct RowsFnTable {
+  RowsFn by_mr[kMaxMr];  // by rows of x - 1
+};
+
 struct AsyncArgs {
   const int8_t* xq;
   int64_t kp;         // padded K of xq
   const float* d;     // [M, groups]
-  const int32_t* xs;  // [M, groups] activation sums
+  const float* u;     // [M, groups]: d * (sum of the group's xq), the zero correction's activation factor
   const uint8_t* packed;
   int64_t row_bytes;
   const uint16_t* scales;
@@ -44,12 +50,12 @@ struct AsyncArgs {
   float* y;  // [M, N] fp32
 };
 
-// Scale and zero of (row, g) as fp32, and the zero correction of that row for rows m0..m0+mr of x.
+// The zero correction sum_g scale * zero * u of a weight row for rows m0..m0+mr of x.
 inline void zero_correction(const AsyncArgs& a, int64_t row, int64_t m0, int mr, float* corr) {
   for (int i = 0; i < mr; ++i) corr[i] = 0.0f;
   for (int64_t g = 0; g < a.groups; ++g) {
     const float sz = half_to_float(a.scales[row * a.groups + g]) * half_to_float(a.zeros[row * a.groups + g]);
-    for (int i = 0; i < mr; ++i) corr[i] += sz * a.d[(m0 + i) * a.groups + g] * float(a.xs[(m0 + i) * a.groups + g]);
+    for (int i = 0; i < mr; ++i) corr[i] += sz * a.u[(m0 + i) * a.groups + g];
   }
 }
 
@@ -73,63 +79,113 @@ void rows_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
 }
 
 #ifdef LOWBIT_ASYNC_X86
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+#define LOWBIT_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+LOWBIT_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
 
+// zero_correction with 8 groups per step (F16C conversions of the fp16 scales and zeros).
+LOWBIT_AVX2 inline void zero_correction_avx2(const AsyncArgs& a, int64_t row, int64_t m0, int mr, float* corr) {
+  const uint16_t* sc = a.scales + row * a.groups;
+  const uint16_t* zc = a.zeros + row * a.groups;
+  for (int i = 0; i < mr; ++i) {
+    const float* u = a.u + (m0 + i) * a.groups;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= a.groups; g += 8) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + g)));
+      const __m256 z = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(zc + g)));
+      acc = _mm256_fmadd_ps(_mm256_mul_ps(s, z), _mm256_loadu_ps(u + g), acc);
+    }
+    float tail = 0.0f;
+    for (; g < a.groups; ++g) tail += _cvtsh_ss(sc[g]) * _cvtsh_ss(zc[g]) * u[g];
+    corr[i] = hsum(acc) + tail;
+  }
+}
+
+// Adds the int16 sums of runs r0..r1 (the 32 codes of each against 32 int8 activations) for MR rows of x.
 template <int MR>
-__attribute__((target("avx2,fma"))) void rows_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
+LOWBIT_AVX2 inline void add_runs(const AsyncArgs& a, const uint8_t* codes, int64_t m0, int64_t r0, int64_t r1,
+                                 __m256i* sum16) {
+  const __m256i mask = _mm256_set1_epi8(3);
+  for (int64_t r = r0; r < r1; ++r) {
+    const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (r >> 2) * 32));
+    const __m256i q = _mm256_and_si256(_mm256_srli_epi16(chunk, int(r & 3) * 2), mask);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + r * 32));
+      sum16[i] = _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(q, x));
+    }
+  }
+}
+
+// One weight row against MR rows of x, for groups of RPG runs (group_size / 32): whole groups run a loop of
+// compile-time length (RPG = 4: one chunk load for the group's four shifts), a short last group the general one.
+template <int MR, int RPG>
+LOWBIT_AVX2 void rows_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
   const uint8_t* codes = a.packed + row * a.row_bytes;
   if (row + 1 < a.n) _mm_prefetch(reinterpret_cast<const char*>(codes + a.row_bytes), _MM_HINT_T0);
   const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
-  const int runs_per_group = a.group_size / 32;
   const int64_t runs = (a.k + 31) / 32;
+  const int64_t whole = std::min(a.groups, runs / RPG);
   __m256 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
     __m256i sum16[MR];
     for (int i = 0; i < MR; ++i) sum16[i] = _mm256_setzero_si256();
-    const int64_t r0 = g * runs_per_group, r1 = std::min(runs, r0 + runs_per_group);
-    for (int64_t r = r0; r < r1; ++r) {
-      const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (r >> 2) * 32));
-      const __m256i q = _mm256_and_si256(_mm256_srl_epi16(chunk, _mm_cvtsi32_si128(int(r & 3) * 2)), mask);
-      for (int i = 0; i < MR; ++i) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + r * 32));
-        sum16[i] = _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(q, x));
+    const int64_t r0 = g * RPG;
+    if (g < whole) {
+      for (int c = 0; c < RPG; ++c) {
+        const int64_t r = r0 + c;
+        const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (r >> 2) * 32));
+        const __m256i q = _mm256_and_si256(_mm256_srli_epi16(chunk, int(r & 3) * 2), mask);
+        for (int i = 0; i < MR; ++i) {
+          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + r * 32));
+          sum16[i] = _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(q, x));
+        }
       }
+    } else {
+      add_runs<MR>(a, codes, m0, r0, std::min(runs, r0 + RPG), sum16);
     }
-    const float s = half_to_float(a.scales[row * a.groups + g]);
+    const float s = _cvtsh_ss(a.scales[row * a.groups + g]);
     for (int i = 0; i < MR; ++i) {
       const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16[i], ones));
       acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(s * a.d[(m0 + i) * a.groups + g]), dot, acc[i]);
     }
   }
   float corr[MR];
-  zero_correction(a, row, m0, MR, corr);
+  zero_correction_avx2(a, row, m0, MR, corr);
   for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = hsum(acc[i]) - corr[i];
+}
+
+template <int RPG>
+constexpr RowsFnTable avx2_table() {
+  return {{rows_avx2<1, RPG>, rows_avx2<2, RPG>, rows_avx2<3, RPG>, rows_avx2<4, RPG>}};
 }
 #endif
 
-using RowsFn = void (*)(const AsyncArgs&, int64_t, int64_t);
-
-struct RowsKernels {
-  RowsFn by_mr[kMaxMr];
-};
 
 // AVX2 when the CPU has it, unless the environment variable LOWBIT_CPU_ISA=scalar (read once) asks for the
 // portable path.
+// Kernel tables by group size (32, 64, 128 -> 0, 1, 2).
+struct RowsKernels {
+  RowsFnTable by_group[3];
+};
+
 RowsKernels select_kernels() {
+  constexpr RowsFnTable portable_table{{rows_portable<1>, rows_portable<2>, rows_portable<3>, rows_portable<4>}};
 #ifdef LOWBIT_ASYNC_X86
   const char* isa = std::getenv("LOWBIT_CPU_ISA");
   const bool portable = isa != nullptr && std::strcmp(isa, "scalar") == 0;
-  if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {{rows_avx2<1>, rows_avx2<2>, rows_avx2<3>, rows_avx2<4>}};
+  if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return {{avx2_table<1>(), avx2_table<2>(), avx2_table<4>()}};
 #endif
-  return {{rows_portable<1>, rows_portable<2>, rows_portable<3>, rows_portable<4>}};
+  return {{portable_table, portable_table, portable_table}};
 }
 
 template <typename IO>
@@ -175,20 +231,22 @@ void async_dequant_gemm_cpu(const TensorView& xq, const TensorView& d, const Ten
   const int64_t m = xq.size(0), n = packed.size(0);
   if (m == 0 || n == 0) return;
   const int64_t groups = d.size(1), kp = xq.size(1);
-  std::vector<int32_t> xs(size_t(m * groups));
+  std::vector<float> u(size_t(m * groups));
   const int8_t* xqp = xq.ptr<int8_t>();
+  const float* dp = d.ptr<float>();
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < groups; ++g) {
       int32_t s = 0;
       for (int64_t j = g * group_size, e = std::min(k, (g + 1) * group_size); j < e; ++j) s += xqp[i * kp + j];
-      xs[size_t(i * groups + g)] = s;
+      u[size_t(i * groups + g)] = dp[i * groups + g] * float(s);
     }
   const bool direct = out.dtype == DType::f32;
   std::vector<float> staging(direct ? 0 : size_t(m * n));
-  AsyncArgs a{xqp, kp, d.ptr<float>(), xs.data(), static_cast<const uint8_t*>(packed.data),
+  AsyncArgs a{xqp, kp, dp, u.data(), static_cast<const uint8_t*>(packed.data),
               aligned_words_per_row(k) * 4, scales.ptr<uint16_t>(), zeros.ptr<uint16_t>(), groups, k, m, n,
               group_size, direct ? out.ptr<float>() : staging.data()};
   static const RowsKernels kernels = select_kernels();
+  const RowsFnTable& table = kernels.by_group[group_size == 32 ? 0 : group_size == 64 ? 1 : 2];
   const int64_t row_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t m_tasks = (m + kXRowsPerTask - 1) / kXRowsPerTask;
 #pragma omp parallel for schedule(static) if (m * n * k >= (int64_t(1) << 18))
@@ -196,7 +254,7 @@ void async_dequant_gemm_cpu(const TensorView& xq, const TensorView& d, const Ten
     const int64_t n0 = (task % row_tasks) * kRowsPerTask, n1 = std::min(n, n0 + kRowsPerTask);
     const int64_t mt0 = (task / row_tasks) * kXRowsPerTask, mt1 = std::min(m, mt0 + kXRowsPerTask);
     for (int64_t m0 = mt0; m0 < mt1; m0 += kMaxMr) {
-      const RowsFn fn = kernels.by_mr[std::min<int64_t>(kMaxMr, mt1 - m0) - 1];
+      const RowsFn fn = table.by_mr[std::min<int64_t>(kMaxMr, mt1 - m0) - 1];
       for (int64_t row = n0; row < n1; ++row) fn(a, row, m0);
     }
   }
