@@ -92,3 +92,58 @@ def test_validation_errors():
         QuantizedWeight("uniform", t, dict(c, in_features=60, bits=2))
     with pytest.raises(ValueError, match="format_version"):
         QuantizedWeight("uniform", t, dict(c, format_version=99))
+
+
+def _random_vq(n, k, r, e, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, e, (n, k // 8, r), generator=g)
+    codes.view(-1)[0] = e - 1  # the last entry (65535 is stored as int16 -1)
+    books = torch.randn(r, e, 8, generator=g).half()
+    scales = (torch.rand(n, generator=g) + 0.5).half()
+    return codes, books, scales
+
+
+@pytest.mark.parametrize("n,k,r,e", [(5, 64, 1, 256), (3, 40, 2, 256), (2, 16, 1, 65536), (4, 32, 2, 1024)])
+def test_vq_roundtrip_and_dequantize(n, k, r, e):
+    codes, books, scales = _random_vq(n, k, r, e)
+    w = QuantizedWeight.vq(codes, books, scales)
+    assert w.tensors["codes"].dtype == torch.int16 and torch.equal(w.codes().long(), codes)
+    ref = sum(books.double()[i][codes[:, :, i]] for i in range(r)) * scales.double()[:, None, None]
+    torch.testing.assert_close(w.dequantize(torch.float32).double(), ref.reshape(n, k), rtol=1e-6, atol=1e-6)
+    assert w.bits == pytest.approx(r * math.log2(e) / 8) and w.group_size is None
+    assert (w.in_features, w.out_features) == (k, n)
+    assert w.bits_per_weight == pytest.approx(w.bits + (r * e * 8 * 16 + n * 16) / (n * k))
+    tensors, config = w.state()
+    again = QuantizedWeight(config.pop("format"), tensors, config)
+    assert torch.equal(again.dequantize(), w.dequantize()) and w.to("cpu") is w
+    assert f"format=vq, bits={w.bits:g}, codebooks={r}, entries={e}" in repr(w)
+
+
+def test_vq_validation_errors():
+    codes, books, scales = _random_vq(3, 64, 2, 256)
+    t, c = QuantizedWeight.vq(codes, books, scales).state()
+    c.pop("format")
+    with pytest.raises(TypeError, match="tensor 'codes' must have dtype torch.int16, got torch.int32"):
+        QuantizedWeight("vq", dict(t, codes=t["codes"].int()), c)
+    with pytest.raises(ValueError, match=r"tensor 'codes' must have shape \[3, 8, 2\], got \[3, 8, 1\]"):
+        QuantizedWeight("vq", dict(t, codes=t["codes"][:, :, :1].contiguous()), c)
+    with pytest.raises(ValueError, match=r"tensor 'codebooks' must have shape \[2, 256, 8\]"):
+        QuantizedWeight("vq", dict(t, codebooks=t["codebooks"][:, :128].contiguous()), c)
+    with pytest.raises(ValueError, match=r"tensor 'scales' must have shape \[3\]"):
+        QuantizedWeight("vq", dict(t, scales=t["scales"][:2].contiguous()), c)
+    with pytest.raises(ValueError, match="entries must be a power of two in \\[256, 65536\\], got 300"):
+        QuantizedWeight("vq", t, dict(c, entries=300))
+    with pytest.raises(ValueError, match="codebooks must be one of"):
+        QuantizedWeight("vq", t, dict(c, codebooks=3))
+    with pytest.raises(ValueError, match="vector_length must be 8"):
+        QuantizedWeight("vq", t, dict(c, vector_length=4))
+    with pytest.raises(ValueError, match="in_features must be a multiple of vector_length 8, got 60"):
+        QuantizedWeight("vq", t, dict(c, in_features=60))
+    with pytest.raises(TypeError, match=r"config\['entries'\] must be an int"):
+        QuantizedWeight("vq", t, dict(c, entries=256.0))
+    with pytest.raises(ValueError, match=r"vq tensors must be \['codebooks', 'codes', 'scales'\]"):
+        QuantizedWeight("vq", {"codes": t["codes"], "scales": t["scales"]}, c)
+    bad = t["codes"].clone()
+    bad[1, 2, 1] = 256
+    with pytest.raises(ValueError, match="tensor 'codes' must hold indices < entries \\(256\\), got 256"):
+        QuantizedWeight("vq", dict(t, codes=bad), c)

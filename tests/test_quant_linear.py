@@ -16,12 +16,12 @@ def hessian(k, seed=0):
 
 
 @pytest.mark.parametrize("method,bits", [("rtn", 2), ("rtn", 3), ("rtn", 4), ("nf", 4), ("gptq", 4), ("quip", 2),
-                                         ("mixed", 2.5)])
+                                         ("mixed", 2.5), ("vq", 2)])
 @pytest.mark.parametrize("m", [1, 3, 16, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_forward_matches_dequantized(method, bits, m, dtype):
     lin = nn.Linear(192, 96, bias=True)
-    q = quantize_linear(lin, method, bits, 64, hessian=hessian(192))
+    q = quantize_linear(lin, method, bits, 64, hessian=hessian(192), **(dict(iters=3) if method == "vq" else {}))
     x = torch.randn(m, 192)
     ref = x.double() @ q.dequantize().double().T + lin.bias.double()
     y = q(x.to(dtype))
@@ -41,15 +41,28 @@ def test_state_dict_roundtrip_and_repr():
     assert "format=mixed" in repr(q) and "group_size=32" in repr(q)
 
 
+def test_vq_state_dict_roundtrip_and_repr():
+    lin = nn.Linear(128, 64)
+    q = quantize_linear(lin, "vq", 2, hessian=hessian(128), iters=3)
+    q2 = quantize_linear(lin, "vq", 2, iters=3, seed=1)
+    q2.load_state_dict(q.state_dict())
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(q2(x), q(x), rtol=0, atol=0)
+    assert sorted(q.state_dict()) == ["bias", "codebooks", "codes", "scales"]
+    assert "format=vq, bits=2, codebooks=2, entries=256" in repr(q)
+
+
 def test_replace_linear_skips_and_swaps():
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
     replace_linear(model, lambda name, lin: quantize_linear(lin, "rtn", 4, 32), skip=("2",))
     assert isinstance(model[0], QuantLinear) and isinstance(model[2], nn.Linear)
 
 
-def test_torch_compile_module():
+@pytest.mark.parametrize("method", ["quip", "vq"])
+def test_torch_compile_module(method):
     lin = nn.Linear(128, 64)
-    q = quantize_linear(lin, "quip", 4, 32, hessian=hessian(128))
+    options = dict(bits=2, iters=3) if method == "vq" else dict(bits=4)
+    q = quantize_linear(lin, method, group_size=32, hessian=hessian(128), **options)
     x = torch.randn(5, 128)
     compiled = torch.compile(q, fullgraph=True)
     torch.testing.assert_close(compiled(x), q(x), rtol=1e-4, atol=1e-4)

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from lowbit import _C
 from lowbit import ops
+from lowbit.io import load_quantized, save_quantized
+from lowbit.models import quantize_linear, quantize_model
+from lowbit.nn import QuantLinear, replace_linear
 from lowbit.ops import hadamard_transform, randomized_hadamard_transform
 
 __version__: str = _C.build_info()["version"]
@@ -21,4 +24,5 @@ def build_info() -> dict:
 
 
 __all__ = ["ops", "cuda_available", "build_info", "hadamard_transform", "randomized_hadamard_transform",
+           "quantize_model", "quantize_linear", "save_quantized", "load_quantized", "QuantLinear", "replace_linear",
            "__version__"]

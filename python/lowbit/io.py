@@ -10,7 +10,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from lowbit.formats import FORMAT_VERSION, QuantizedWeight
+from lowbit.formats import FORMAT_VERSION, TENSOR_NAMES, QuantizedWeight
 from lowbit.nn import QuantLinear
 
 CONFIG_NAME = "lowbit.json"
@@ -100,7 +100,7 @@ def load_quantized(path: Union[str, pathlib.Path], device: Union[str, torch.devi
     tensors = _read_tensors(path, config["tensors"])
     weights = {}
     for name, layer in config["layers"].items():  # validate every quantized weight before building the model
-        parts = {t: tensors[f"{name}.{t}"] for t in ("packed", "scales", "zeros", "table", "group_bits")
+        parts = {t: tensors[f"{name}.{t}"] for t in TENSOR_NAMES.get(layer.get("format"), ())
                  if f"{name}.{t}" in tensors}
         try:
             weights[name] = QuantizedWeight(layer["format"], parts, layer["config"])

@@ -14,9 +14,10 @@ from torch import nn
 from lowbit.data import calibration_sequences, tokenize
 from lowbit.nn import QuantLinear
 from lowbit.quant import (HessianAccumulator, gptq_quantize, mixed_quantize, nf_quantize, proxy_loss, quip_quantize,
-                          rtn_quantize)
+                          rtn_quantize, vq_quantize)
+from lowbit.quant.vq import entries_for_bits
 
-METHODS = ("rtn", "nf", "gptq", "quip", "mixed")
+METHODS = ("rtn", "nf", "gptq", "quip", "mixed", "vq")
 _NEEDS_HESSIAN = ("gptq", "quip", "mixed")
 
 
@@ -27,11 +28,14 @@ def quantize_linear(linear: nn.Linear, method: str = "rtn", bits: Union[int, flo
     Args:
         linear: the layer; its bias is kept in full precision.
         method: "rtn" (affine round-to-nearest), "nf" (normal-float table), "gptq", "quip" (incoherence + LDLQ),
-            "mixed" (2/4 bits per group under an average budget; `bits` may be fractional, e.g. 2.5).
-        bits: 2, 3 or 4 (mixed: the average, between 2 and 4).
-        group_size: 32, 64 or 128.
-        hessian: [in, in] input Hessian; required by gptq, quip and mixed (e.g. HessianAccumulator().hessian).
-        options: passed to the quantizer (symmetric, act_order, damp, grid, seed...).
+            "mixed" (2/4 bits per group under an average budget; `bits` may be fractional, e.g. 2.5), "vq"
+            (k-means codebooks over runs of 8 weights, GPTQ-style error feedback when a Hessian is given).
+        bits: 2, 3 or 4 (mixed: the average, between 2 and 4; vq: index bits per weight, which with the default
+            2 codebooks sets entries = 2^(4 * bits), e.g. 2 -> 256, unless entries= is given).
+        group_size: 32, 64 or 128 (unused by vq: one scale per row).
+        hessian: [in, in] input Hessian; required by gptq, quip and mixed, used by vq when given (e.g.
+            HessianAccumulator().hessian).
+        options: passed to the quantizer (symmetric, act_order, damp, grid, seed; vq: entries, codebooks, iters...).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -46,6 +50,10 @@ def quantize_linear(linear: nn.Linear, method: str = "rtn", bits: Union[int, flo
         return QuantLinear.from_linear(linear, gptq_quantize(w, hessian, int(bits), group_size, **options))
     if method == "mixed":
         return QuantLinear.from_linear(linear, mixed_quantize(w, hessian, float(bits), group_size, **options))
+    if method == "vq":
+        if "entries" not in options:
+            options["entries"] = entries_for_bits(bits, options.get("codebooks", 2))
+        return QuantLinear.from_linear(linear, vq_quantize(w, hessian, **options))
     q = quip_quantize(w, hessian, int(bits), group_size, **options)
     return QuantLinear.from_linear(linear, q.weight, signs_in=q.signs_in, signs_out=q.signs_out)
 
@@ -123,7 +131,8 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
         model: a transformers causal LM (Llama, Qwen2, Mistral... any with a stack of decoder blocks).
         method, bits, group_size, options: as for :func:`quantize_linear`.
         calibration: token ids [n, L], or strings tokenized with `tokenizer` into n_samples x seq_len
-            windows; required for gptq, quip and mixed (data-free methods may pass None).
+            windows; required for gptq, quip and mixed (rtn, nf and vq may pass None; vq then clusters without
+            Hessian weighting or error feedback).
         batch_size: calibration sequences per forward.
         progress: show a tqdm bar per block with the running proxy loss.
 

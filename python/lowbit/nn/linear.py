@@ -1,5 +1,6 @@
-"""QuantLinear: an nn.Linear replacement whose weight is a QuantizedWeight, run through lowbit's fused GEMMs,
-optionally wrapped in QuIP incoherence (randomized Hadamard rotations of the input and output)."""
+"""QuantLinear: an nn.Linear replacement whose weight is a QuantizedWeight, run through lowbit's fused GEMMs
+(LUT GEMM for the scalar formats, VQ GEMM for ``vq``), optionally wrapped in QuIP incoherence (randomized
+Hadamard rotations of the input and output)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Optional
@@ -7,8 +8,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from lowbit.formats import QuantizedWeight
-from lowbit.ops import lut_gemm, randomized_hadamard_transform
+from lowbit.formats import TENSOR_NAMES, QuantizedWeight
+from lowbit.ops import lut_gemm, randomized_hadamard_transform, vq_gemm
 
 
 class QuantLinear(nn.Module):
@@ -17,7 +18,8 @@ class QuantLinear(nn.Module):
     ``uniform`` and ``lut`` weights run through :func:`lowbit.ops.lut_gemm` (an affine weight is the identity
     table with per-group zeros). ``mixed`` weights are split once, at construction, into their 4-bit and 2-bit
     groups (groups sorted by width, order kept inside each width), each a canonical uniform matrix, and run as two
-    fused GEMMs on the matching columns of x. With incoherence signs, x is rotated by H_K diag(s_in) first and the
+    fused GEMMs on the matching columns of x. ``vq`` weights run through :func:`lowbit.ops.vq_gemm` straight from
+    their codes and codebooks. With incoherence signs, x is rotated by H_K diag(s_in) first and the
     output by diag(s_out) H_N^T after (the QuIP transform the quantizer applied to W).
 
     Args:
@@ -58,13 +60,14 @@ class QuantLinear(nn.Module):
     @property
     def weight(self) -> QuantizedWeight:
         """The QuantizedWeight held (built from the module's buffers)."""
-        names = ("packed", "scales", "zeros", "table", "group_bits")
-        return QuantizedWeight(self.format, {n: getattr(self, n) for n in names if getattr(self, n, None) is not None},
-                               self.config)
+        return QuantizedWeight(self.format, {n: getattr(self, n) for n in TENSOR_NAMES[self.format]}, self.config)
 
     def _gemm_parts(self, w: QuantizedWeight) -> list[tuple[Optional[torch.Tensor], dict[str, Any]]]:
-        """(column index or None, lut_gemm arguments) per fused GEMM the forward runs."""
+        """(column index or None, GEMM arguments) per fused GEMM the forward runs (vq_gemm's for ``vq``,
+        lut_gemm's otherwise)."""
         t, gs, k = w.tensors, w.group_size, w.in_features
+        if w.format == "vq":
+            return [(None, dict(codes=t["codes"], codebooks=t["codebooks"], scales=t["scales"]))]
         if w.format in ("uniform", "lut"):
             bits = w.config["bits"]
             table = t["table"] if w.format == "lut" else torch.arange(2**bits, dtype=torch.float32, device=w.device)
@@ -98,9 +101,10 @@ class QuantLinear(nn.Module):
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {list(x.shape)}")
         if self.signs_in is not None:
             x = randomized_hadamard_transform(x, self.signs_in)
+        gemm = vq_gemm if self.format == "vq" else lut_gemm
         y = None
         for cols, args in self._parts:
-            part = lut_gemm(x if cols is None else x.index_select(-1, cols), **args)
+            part = gemm(x if cols is None else x.index_select(-1, cols), **args)
             y = part if y is None else y + part
         if self.signs_out is not None:
             y = randomized_hadamard_transform(y, self.signs_out, inverse=True)
@@ -121,7 +125,7 @@ class QuantLinear(nn.Module):
         w = self.weight
         incoherent = ", incoherence=hadamard" if self.signs_in is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-                f"bits={w.bits:g}, group_size={w.group_size}, bias={self.bias is not None}{incoherent}")
+                f"{w.layout()}, bias={self.bias is not None}{incoherent}")
 
 
 def replace_linear(model: nn.Module, quantize_fn: Callable[[str, nn.Linear], Optional[QuantLinear]],
