@@ -26,7 +26,9 @@ def test_forward_matches_dequantized(method, bits, m, dtype):
     ref = x.double() @ q.dequantize().double().T + lin.bias.double()
     y = q(x.to(dtype))
     assert y.dtype == dtype and y.shape == (m, 96)
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert q.int8_activations == (method in ("rtn", "quip", "mixed") and bits <= 2.5)
+    # int8 activations (the 2-bit async kernel) round x per group: ~0.5% relative error per output
+    tol = 3e-2 if q.int8_activations or dtype != torch.float32 else 1e-4
     err = (y.double() - ref).abs().max() / ref.abs().max()
     assert err < tol, float(err)
 

@@ -34,6 +34,23 @@ def test_rtn_reproduces_a_grid_exactly():
     assert torch.equal(q.codes(), codes.to(torch.uint8))
 
 
+def test_rtn_reproduces_a_q4_1_grid_exactly():
+    """Q4_1 blocks (w = d * q + m, any real m: llama.cpp's 4-bit format the bundled model comes from) come back
+    exactly at 4 bits, group 32: the asymmetric zero is real-valued, so the grid's ends are the group's extremes."""
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 16, (8, 96), generator=g)
+    codes[:, ::32], codes[:, 1::32] = 0, 15
+    d = (torch.rand(8, 3, generator=g) * 0.01 + 0.001).half().float()
+    m = -(torch.rand(8, 3, generator=g) * 0.1).half().float()
+    w = d.repeat_interleave(32, 1) * codes.float() + m.repeat_interleave(32, 1)
+    q = rtn_quantize(w, 4, 32)
+    assert torch.equal(q.codes(), codes.to(torch.uint8))
+    assert (q.dequantize() - w).abs().max() <= 2e-3 * w.abs().max()
+    integer = rtn_quantize(w, 4, 32, integer_zero=True)
+    assert bool((integer.tensors["zeros"] == integer.tensors["zeros"].round()).all())
+    assert (integer.dequantize() - w).norm() > 10 * (q.dequantize() - w).norm()
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_nf_picks_nearest_entry(bits):
     w = torch.randn(5, 200)

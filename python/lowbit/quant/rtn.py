@@ -33,24 +33,35 @@ def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(n, groups, group_size)
 
 
-def _minmax_params(w: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0
+def _minmax_params(w: torch.Tensor, bits: int, symmetric: bool, shrink: float = 1.0, integer_zero: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 scale and integer-valued zero [N, G] covering shrink * [min, max] of each group of w [N, G, gs]."""
+    """fp16 scale and zero [N, G] whose grid spans shrink * [min, max] of each group of w [N, G, gs].
+
+    The asymmetric zero is real-valued (-min / scale, as fp16), so the grid's ends are the group's extremes, as in
+    llama.cpp's Q4_1; with ``integer_zero`` the range is widened to hold 0 and the zero rounded to an integer (the
+    GPTQ checkpoint convention)."""
     qmax = 2**bits - 1
     if symmetric:
         scale = 2 * shrink * w.abs().amax(dim=2) / qmax
         zero = torch.full_like(scale, float(2 ** (bits - 1)))
-    else:
+    elif integer_zero:
         lo, hi = shrink * w.amin(dim=2).clamp(max=0), shrink * w.amax(dim=2).clamp(min=0)
         scale = (hi - lo) / qmax
-        zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale)))
+        zero = torch.round(-lo / torch.where(scale > 0, scale, torch.ones_like(scale))).clamp(0, qmax)
+    else:
+        lo, hi = w.amin(dim=2), w.amax(dim=2)
+        mid, half = (lo + hi) / 2, shrink * (hi - lo) / 2
+        scale = 2 * half / qmax
+        zero = -(mid - half) / torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.where(scale > 0, zero, -mid)  # a constant group: scale 1, codes round(mid - mid) = 0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float16)
-    return scale, zero.clamp(0, qmax).to(torch.float16)
+    return scale, zero.to(torch.float16)
 
 
-def affine_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, mse: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group fp16 scale and integer-valued zero [N, G] for round-to-nearest at `bits`.
+def affine_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool = False, mse: bool = False,
+                  integer_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group fp16 scale and zero [N, G] for round-to-nearest at `bits` (zero real-valued unless
+    ``integer_zero``; see :func:`_minmax_params`).
 
     min/max of each group by default; with ``mse`` the range is shrunk by the factor in 1.0, 0.95, ..., 0.5
     that minimizes the group's squared rounding error (clipping a few large weights to resolve the rest finer,
@@ -58,12 +69,12 @@ def affine_params(weight: torch.Tensor, bits: int, group_size: int, symmetric: b
     """
     w = grouped(weight, group_size)
     if not mse:
-        return _minmax_params(w, bits, symmetric)
+        return _minmax_params(w, bits, symmetric, integer_zero=integer_zero)
     k = weight.shape[1]
     valid = (torch.arange(w.shape[1] * group_size, device=w.device) < k).reshape(1, w.shape[1], group_size)
     best, best_err = None, None
     for shrink in torch.linspace(1.0, 0.5, 11).tolist():
-        scale, zero = _minmax_params(w, bits, symmetric, shrink)
+        scale, zero = _minmax_params(w, bits, symmetric, shrink, integer_zero)
         s, z = scale.float()[..., None], zero.float()[..., None]
         deq = s * (torch.round(w / s + z).clamp(0, 2**bits - 1) - z)
         err = (((deq - w) ** 2) * valid).sum(dim=2)
@@ -86,18 +97,19 @@ def quantize_codes(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 
 
 def rtn_quantize(weight: torch.Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = False,
-                 mse: bool = False) -> QuantizedWeight:
+                 mse: bool = False, integer_zero: bool = False) -> QuantizedWeight:
     """Round-to-nearest into the ``uniform`` format: w ~ scale * (q - zero) per group of `group_size` along K.
 
     Args:
         weight: [out_features, in_features] float tensor.
         bits: 2, 3 or 4.
         group_size: 32, 64 or 128 (K need not be a multiple: the last group is short).
-        symmetric: zero fixed at 2^(bits-1) and scale from the group's max |w| (else min/max with an integer zero).
+        symmetric: zero fixed at 2^(bits-1) and scale from the group's max |w| (else the group's min/max).
         mse: search a clipped range per group (see :func:`affine_params`) instead of plain min/max.
+        integer_zero: round the asymmetric zero to an integer (the range then holds 0), as GPTQ checkpoints do.
     """
     _check(weight, bits, group_size)
-    scale, zero = affine_params(weight, bits, group_size, symmetric, mse)
+    scale, zero = affine_params(weight, bits, group_size, symmetric, mse, integer_zero)
     codes = quantize_codes(weight, scale, zero, bits, group_size)
     return QuantizedWeight.uniform(codes.cpu(), scale.cpu(), zero.cpu(), bits, group_size).to(weight.device)
 
