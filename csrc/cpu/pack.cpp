@@ -9,6 +9,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -105,6 +106,22 @@ struct TableParams {
   }
 };
 
+// Stores count fp32 values as IO's type. fp16 goes through _Float16, which the x86-64-v3/v4 clones compile to
+// vcvtps2ph (the branchy software float_to_half does not vectorize); both round to nearest even.
+template <typename IO>
+LOWBIT_INLINE void store_values(typename IO::storage* d, const float* v, int64_t count) {
+#if defined(__FLT16_MAX__)
+  if constexpr (std::is_same_v<IO, F16>) {
+    for (int64_t i = 0; i < count; ++i) {
+      const _Float16 h = static_cast<_Float16>(v[i]);
+      std::memcpy(d + i, &h, sizeof(h));
+    }
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < count; ++i) IO::store(d, i, v[i]);
+}
+
 // The `len` codes of one group (ceil(len / 32) blocks of BITS words at `words`) -> values at dst.
 template <int BITS, typename IO, typename Map>
 LOWBIT_INLINE void dequant_group(const uint32_t* words, int64_t len, const Map& map, typename IO::storage* dst) {
@@ -116,11 +133,10 @@ LOWBIT_INLINE void dequant_group(const uint32_t* words, int64_t len, const Map& 
     std::memcpy(v + kHalf, &hi, sizeof(hi));
     typename IO::storage* d = dst + j * kCodesPerBlock;
     const int64_t count = len - j * kCodesPerBlock;
-    if (count >= kCodesPerBlock) {
-      for (int i = 0; i < kCodesPerBlock; ++i) IO::store(d, i, v[i]);
-    } else {
-      for (int i = 0; i < count; ++i) IO::store(d, i, v[i]);
-    }
+    if (count >= kCodesPerBlock)
+      store_values<IO>(d, v, kCodesPerBlock);
+    else
+      store_values<IO>(d, v, count);
   }
 }
 
