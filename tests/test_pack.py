@@ -791,16 +791,15 @@ def test_torch_compile_fullgraph():
     rng = rng_for("compile")
     q = random_codes(rng, 4, 100, 3)
     scales, zeros = random_params(rng, 4, 2, 3)
-    packed = pack_uniform(t(q), 3)
 
-    def f(packed, scales, zeros):
-        codes = unpack(packed, 3, 100)
+    def f(codes, scales, zeros):
+        packed = pack_uniform(codes, 3)
         w = dequantize_uniform(packed, scales, zeros, 3, 64, 100, torch.float32)
-        return w * 2.0 + codes.float()
+        return w * 2.0 + unpack(packed, 3, 100).float()
 
     compiled = torch.compile(f, fullgraph=True)
-    out = compiled(packed, t(scales), t(zeros))
-    torch.testing.assert_close(out, f(packed, t(scales), t(zeros)), rtol=0, atol=0)
+    out = compiled(t(q), t(scales), t(zeros))
+    torch.testing.assert_close(out, f(t(q), t(scales), t(zeros)), rtol=0, atol=0)
     w, _ = ref_affine(q, scales, zeros, 64)
     np.testing.assert_allclose(out.numpy(), 2 * w + q, rtol=1e-6, atol=1e-5)
 

@@ -142,6 +142,19 @@ def nf_table(bits: int) -> torch.Tensor:
     return torch.from_numpy(values.astype(np.float32))
 
 
+@torch.library.custom_op("lowbit::pack_uniform", mutates_args=())
+def _pack_uniform_op(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    packed = torch.empty((codes.shape[0], words_per_row(codes.shape[1], bits)), dtype=torch.int32,
+                         device=codes.device)
+    _C.pack_uniform(capsule(codes), capsule(packed), bits, stream_of(codes))
+    return packed
+
+
+@_pack_uniform_op.register_fake
+def _(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    return codes.new_empty((codes.shape[0], -(-codes.shape[1] // 32) * bits), dtype=torch.int32)
+
+
 def pack_uniform(codes: Array, bits: int) -> Array:
     """Packs codes of `bits` bits into the canonical layout.
 
@@ -159,13 +172,7 @@ def pack_uniform(codes: Array, bits: int) -> Array:
     """
     _check_bits(bits)
 
-    def run(c: torch.Tensor) -> torch.Tensor:
-        c = _check_codes(c)
-        packed = torch.empty((c.shape[0], words_per_row(c.shape[1], bits)), dtype=torch.int32, device=c.device)
-        _C.pack_uniform(capsule(c), capsule(packed), bits, stream_of(c))
-        return packed
-
-    return with_numpy(run, codes)
+    return with_numpy(lambda c: _pack_uniform_op(_check_codes(c), bits), codes)
 
 
 @torch.library.custom_op("lowbit::unpack", mutates_args=())
@@ -271,7 +278,8 @@ def dequantize_lut(packed: Array, scales: Array, table: Array, bits: int, group_
 
 
 def pack_mixed(codes: Array, group_bits: GroupBits, group_size: int) -> Array:
-    """Packs codes whose K-group g is group_bits[g] (2 or 4) bits wide into the mixed layout.
+    """Packs codes whose K-group g is group_bits[g] (2 or 4) bits wide into the mixed layout. (Not a torch custom
+    op: the output width depends on the values of group_bits; pack offline, outside compiled code.)
 
     Args:
         codes: uint8 [N, K]; the codes of group g must be < 2^group_bits[g].
