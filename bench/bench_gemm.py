@@ -1,5 +1,5 @@
 """Quantized GEMM speed (y = x W^T) on the shapes of a 7B model's linears, M = 1, 4, 16, 64 rows of x: lowbit's
-LUT GEMM at 2/3/4 bits (affine codes, group 128), the async-dequant 2-bit GEMM (int8 activations) and VQ GEMM
+LUT GEMM at 2/3/4 bits (affine codes, group 128), the async-dequant 2/4-bit GEMM (int8 activations) and VQ GEMM
 (2 bits/weight) against torch dense fp32 and bf16
 and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through more memory than the L3
 (bench/memory.py), so the numbers are what a decoding step sees; GB/s counts the bytes of the weight's storage
@@ -49,17 +49,18 @@ def test_lowbit_lut_gemm(benchmark, k, n, m, bits):
 
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
-def test_lowbit_async_dequant_gemm_2bit(benchmark, k, n, m):
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lowbit_async_dequant_gemm(benchmark, k, n, m, bits):
     _case(benchmark, k, n, m)
     g = -(-k // GROUP)
 
     def make():
-        codes = torch.randint(0, 4, (n, k), dtype=torch.uint8)
-        return aligned_from_codes(codes), (torch.rand(n, g) * 0.01).half(), torch.full((n, g), 2.0).half()
+        codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+        return aligned_from_codes(codes, bits), (torch.rand(n, g) * 0.01).half(), torch.full((n, g), 2.0).half()
 
     operands = cycling(make)
     x = torch.randn(m, k)
-    _run(benchmark, operands, lambda x, p, s, z: async_dequant_gemm(x, p, s, z, GROUP), x)
+    _run(benchmark, operands, lambda x, p, s, z: async_dequant_gemm(x, p, s, z, GROUP, bits=bits), x)
     _report(benchmark, nbytes(operands()))
 
 

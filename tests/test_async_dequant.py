@@ -1,4 +1,4 @@
-"""The asynchronous-dequantization 2-bit GEMM: the aligned layout against a numpy bit-level reference, the int8
+"""The asynchronous-dequantization 2/4-bit GEMM: the aligned layout against a numpy bit-level reference, the int8
 activation quantization against its formula, and the GEMM against float64 references (tight: the integer
 formula over the rounded activations; loose, bounded: x @ W_hat.T), on many shapes, dtypes and group sizes;
 the portable CPU path; bad input; torch.compile; CUDA against CPU (gpu)."""
@@ -19,14 +19,16 @@ from lowbit.ops import (aligned_from_codes, aligned_words_per_row, async_dequant
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def reference_aligned(codes: np.ndarray) -> np.ndarray:
-    """Byte b of chunk t holds at bits [2c, 2c+2) the code of k = 128 t + 32 c + b; returned as int32 words."""
+def reference_aligned(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Byte j of chunk t holds at bits [bits c, bits (c+1)) the code of k = (256 / bits) t + 32 c + j; returned
+    as int32 words."""
     n, k = codes.shape
-    chunks = -(-k // 128)
+    chunk = 256 // bits
+    chunks = -(-k // chunk)
     out = np.zeros((n, chunks * 32), dtype=np.uint8)
     for col in range(k):
-        byte = (col // 128) * 32 + col % 32
-        out[:, byte] |= (codes[:, col].astype(np.uint8) << (2 * ((col // 32) % 4))).astype(np.uint8)
+        byte = (col // chunk) * 32 + col % 32
+        out[:, byte] |= (codes[:, col].astype(np.uint8) << (bits * ((col // 32) % (8 // bits)))).astype(np.uint8)
     return out.view(np.int32)
 
 
@@ -47,11 +49,11 @@ def reference_activations(x: torch.Tensor, group_size: int):
     return xq, d
 
 
-def random_weight(n: int, k: int, group_size: int, gen: torch.Generator):
+def random_weight(n: int, k: int, group_size: int, gen: torch.Generator, bits: int = 2):
     groups = -(-k // group_size)
-    codes = torch.randint(0, 4, (n, k), dtype=torch.uint8, generator=gen)
+    codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8, generator=gen)
     scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.001).half()
-    zeros = (torch.rand(n, groups, generator=gen) * 3).half()
+    zeros = (torch.rand(n, groups, generator=gen) * (2**bits - 1)).half()
     return codes, scales, zeros
 
 
@@ -69,11 +71,11 @@ def exact_reference(xq: np.ndarray, d: np.ndarray, codes, scales, zeros, group_s
     return y
 
 
-def run_case(m, k, n, group_size, dtype, seed=0):
+def run_case(m, k, n, group_size, dtype, seed=0, bits=2):
     gen = torch.Generator().manual_seed(seed)
-    codes, scales, zeros = random_weight(n, k, group_size, gen)
+    codes, scales, zeros = random_weight(n, k, group_size, gen, bits)
     x = torch.randn(m, k, generator=gen).to(dtype)
-    y = async_dequant_gemm(x, aligned_from_codes(codes), scales, zeros, group_size)
+    y = async_dequant_gemm(x, aligned_from_codes(codes, bits), scales, zeros, group_size, bits=bits)
     return x, codes, scales, zeros, y
 
 
@@ -86,14 +88,15 @@ def assert_close_to_exact(x, codes, scales, zeros, y, group_size):
     assert err <= (4 * unit + 1e-5) * scale, f"max error {err:.3g} vs output scale {scale:.3g}"
 
 
-@pytest.mark.parametrize("k", [1, 31, 32, 100, 128, 129, 576, 1000])
-def test_aligned_layout_matches_reference(k):
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("k", [1, 31, 32, 64, 100, 128, 129, 576, 1000])
+def test_aligned_layout_matches_reference(k, bits):
     gen = torch.Generator().manual_seed(k)
-    codes = torch.randint(0, 4, (5, k), dtype=torch.uint8, generator=gen)
-    aligned = aligned_from_codes(codes)
-    assert aligned.dtype == torch.int32 and aligned.shape == (5, aligned_words_per_row(k))
-    np.testing.assert_array_equal(aligned.numpy(), reference_aligned(codes.numpy()))
-    np.testing.assert_array_equal(prepare_async_dequant(pack_uniform(codes, 2), k).numpy(), aligned.numpy())
+    codes = torch.randint(0, 2**bits, (5, k), dtype=torch.uint8, generator=gen)
+    aligned = aligned_from_codes(codes, bits)
+    assert aligned.dtype == torch.int32 and aligned.shape == (5, aligned_words_per_row(k, bits))
+    np.testing.assert_array_equal(aligned.numpy(), reference_aligned(codes.numpy(), bits))
+    np.testing.assert_array_equal(prepare_async_dequant(pack_uniform(codes, bits), k, bits).numpy(), aligned.numpy())
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -110,21 +113,24 @@ def test_activation_quantization_matches_formula(k, dtype, group_size):
     np.testing.assert_array_equal(d.numpy(), ref_d)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 33, 64, 65, 128])
-def test_rows_of_x(m):
-    assert_close_to_exact(*run_case(m, 576, 37, 64, torch.float32, seed=m), 64)
+def test_rows_of_x(m, bits):
+    assert_close_to_exact(*run_case(m, 576, 37, 64, torch.float32, seed=m, bits=bits), 64)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("k,n", [(32, 1), (100, 5), (576, 64), (1000, 17), (1536, 20), (4096, 3)])
-def test_shapes_and_groups(k, n, group_size):
-    assert_close_to_exact(*run_case(3, k, n, group_size, torch.float32, seed=k + n), group_size)
+def test_shapes_and_groups(k, n, group_size, bits):
+    assert_close_to_exact(*run_case(3, k, n, group_size, torch.float32, seed=k + n, bits=bits), group_size)
 
 
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 6, 70])
-def test_dtypes(m, dtype):
-    x, codes, scales, zeros, y = run_case(m, 640, 33, 128, dtype, seed=m)
+def test_dtypes(m, dtype, bits):
+    x, codes, scales, zeros, y = run_case(m, 640, 33, 128, dtype, seed=m, bits=bits)
     assert y.dtype == dtype
     assert_close_to_exact(x, codes, scales, zeros, y, 128)
 
@@ -146,9 +152,9 @@ def test_error_against_unrounded_activations_is_bounded(group_size):
 
 
 @given(m=st.integers(1, 9), k=st.integers(1, 700), n=st.integers(1, 40), group_size=st.sampled_from([32, 64, 128]),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
-def test_random_configurations(m, k, n, group_size, dtype, seed):
-    assert_close_to_exact(*run_case(m, k, n, group_size, dtype, seed=seed), group_size)
+       dtype=st.sampled_from(DTYPES), bits=st.sampled_from([2, 4]), seed=st.integers(0, 2**16))
+def test_random_configurations(m, k, n, group_size, dtype, bits, seed):
+    assert_close_to_exact(*run_case(m, k, n, group_size, dtype, seed=seed, bits=bits), group_size)
 
 
 def test_batch_dims_and_numpy():
@@ -174,7 +180,7 @@ def test_empty_rows_and_outputs():
 
 
 def test_portable_path_agrees_with_simd():
-    """The portable C++ path (LOWBIT_CPU_ISA=scalar) computes the same integers as the AVX2 one."""
+    """The portable C++ path (LOWBIT_CPU_ISA=scalar) computes the same integers as the AVX2 one, 2 and 4 bits."""
     script = (
         "import sys, torch\n"
         "from lowbit.ops import aligned_from_codes, async_dequant_gemm\n"
@@ -182,17 +188,21 @@ def test_portable_path_agrees_with_simd():
         "codes = torch.randint(0, 4, (21, 700), dtype=torch.uint8, generator=g)\n"
         "s = (torch.rand(21, 11, generator=g) * 0.02).half(); z = (torch.rand(21, 11, generator=g) * 3).half()\n"
         "x = torch.randn(6, 700, generator=g)\n"
-        "sys.stdout.buffer.write(async_dequant_gemm(x, aligned_from_codes(codes), s, z, 64).numpy().tobytes())\n")
+        "c4 = torch.randint(0, 16, (21, 700), dtype=torch.uint8, generator=g)\n"
+        "y = torch.cat([async_dequant_gemm(x, aligned_from_codes(codes), s, z, 64),\n"
+        "               async_dequant_gemm(x, aligned_from_codes(c4, 4), s, z, 64, bits=4)])\n"
+        "sys.stdout.buffer.write(y.numpy().tobytes())\n")
     outs = []
     for isa in ("scalar", ""):
         env = dict(os.environ, LOWBIT_CPU_ISA=isa)
         raw = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, check=True).stdout
-        outs.append(np.frombuffer(raw, dtype=np.float32).reshape(6, 21))
+        outs.append(np.frombuffer(raw, dtype=np.float32).reshape(12, 21))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad,match,exc", [
     (dict(group_size=48), "group_size must be one of", ValueError),
+    (dict(bits=3), "bits must be one of", ValueError),
     (dict(x=torch.zeros(2, 64, dtype=torch.int32)), "x must have dtype", TypeError),
     (dict(packed=torch.zeros(3, 16, dtype=torch.int32)), r"packed must be int32 \[N, 8\]", ValueError),
     (dict(packed=torch.zeros(3, 8, dtype=torch.int64)), "packed must be int32", ValueError),
@@ -211,6 +221,8 @@ def test_bad_input(bad, match, exc):
 def test_bad_codes_and_activations():
     with pytest.raises(ValueError, match="codes must be 2-bit"):
         aligned_from_codes(torch.full((2, 40), 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="codes must be 4-bit"):
+        aligned_from_codes(torch.full((2, 40), 16, dtype=torch.uint8), 4)
     with pytest.raises(TypeError, match="codes must be a uint8 tensor"):
         aligned_from_codes(torch.zeros(2, 40, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"x must have shape \[M, K\]"):
@@ -222,7 +234,7 @@ def test_native_checks_xq_width():
     with pytest.raises(ValueError, match="xq"):
         lowbit._C.async_dequant_gemm(*(torch.utils.dlpack.to_dlpack(t) for t in (
             xq, torch.zeros(2, 2), torch.zeros(3, 8, dtype=torch.int32), torch.ones(3, 2).half(),
-            torch.zeros(3, 2).half(), torch.zeros(2, 3))), 64, 32, 0)
+            torch.zeros(3, 2).half(), torch.zeros(2, 3))), 64, 2, 32, 0)
 
 
 def test_torch_compile_fullgraph():
@@ -238,23 +250,25 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 64])
 @pytest.mark.parametrize("k,n,group_size", [(576, 64, 64), (4096, 1000, 128), (1000, 33, 32), (11008, 256, 128)])
-def test_cuda_matches_cpu(m, k, n, group_size, dtype):
-    x, codes, scales, zeros, y = run_case(m, k, n, group_size, dtype, seed=m + k)
-    packed = aligned_from_codes(codes)
+def test_cuda_matches_cpu(m, k, n, group_size, dtype, bits):
+    x, codes, scales, zeros, y = run_case(m, k, n, group_size, dtype, seed=m + k, bits=bits)
+    packed = aligned_from_codes(codes, bits)
     xq_cpu, d_cpu = quantize_activations(x, group_size)
     xq_gpu, d_gpu = quantize_activations(x.cuda(), group_size)
     torch.testing.assert_close(xq_gpu.cpu(), xq_cpu, rtol=0, atol=0)
     torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=0, atol=0)
-    y_gpu = async_dequant_gemm(x.cuda(), packed.cuda(), scales.cuda(), zeros.cuda(), group_size)
+    y_gpu = async_dequant_gemm(x.cuda(), packed.cuda(), scales.cuda(), zeros.cuda(), group_size, bits=bits)
     assert_close_to_exact(x, codes, scales, zeros, y_gpu.cpu(), group_size)
     torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=1e-3, atol=1e-3 * y.float().abs().max().item())
 
 
 @pytest.mark.gpu
-def test_cuda_prepare_matches_cpu():
-    codes = torch.randint(0, 4, (7, 1000), dtype=torch.uint8)
-    torch.testing.assert_close(prepare_async_dequant(pack_uniform(codes.cuda(), 2), 1000).cpu(),
-                               aligned_from_codes(codes), rtol=0, atol=0)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_cuda_prepare_matches_cpu(bits):
+    codes = torch.randint(0, 2**bits, (7, 1000), dtype=torch.uint8)
+    torch.testing.assert_close(prepare_async_dequant(pack_uniform(codes.cuda(), bits), 1000, bits).cpu(),
+                               aligned_from_codes(codes, bits), rtol=0, atol=0)

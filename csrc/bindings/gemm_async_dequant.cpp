@@ -1,4 +1,4 @@
-// Bindings of the asynchronous-dequantization 2-bit GEMM family: int8 activation quantization and the GEMM over
+// Bindings of the asynchronous-dequantization 2/4-bit GEMM family: int8 activation quantization and the GEMM over
 // the aligned weight layout, with every boundary check before a kernel runs.
 #include <pybind11/pybind11.h>
 
@@ -56,9 +56,11 @@ void quantize_activations(const py::capsule& xc, const py::capsule& xqc, const p
 
 void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule& packedc,
                         const py::capsule& scalesc, const py::capsule& zerosc, const py::capsule& outc, int64_t k,
-                        int group_size, int64_t stream) {
+                        int bits, int group_size, int64_t stream) {
   const char* op = "async_dequant_gemm";
   check_group_size(op, group_size);
+  if (!async_bits_ok(bits))
+    throw std::invalid_argument(std::string(op) + ": bits must be 2 or 4, got " + std::to_string(bits));
   if (k < 1) throw std::invalid_argument(std::string(op) + ": k must be >= 1, got " + std::to_string(k));
   const TensorView xq = view_from_capsule(xqc, op, "xq");
   const TensorView d = view_from_capsule(dc, op, "d");
@@ -74,18 +76,18 @@ void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py:
   check_dtype(packed, op, "packed", {DType::i32, DType::u32});
   check_ndim(packed, op, "packed", 2);
   const int64_t n = packed.size(0);
-  check_operand(packed, xq, op, "packed", "xq", {DType::i32, DType::u32}, {n, aligned_words_per_row(k)});
+  check_operand(packed, xq, op, "packed", "xq", {DType::i32, DType::u32}, {n, aligned_words_per_row(k, bits)});
   check_operand(scales, xq, op, "scales", "xq", {DType::f16}, {n, groups});
   check_operand(zeros, xq, op, "zeros", "xq", {DType::f16}, {n, groups});
   check_operand(out, xq, op, "out", "xq", {DType::f32, DType::f16, DType::bf16}, {m, n});
   if (xq.device == Device::cuda) {
     check_aligned(xq, op, "xq", 16);  // 16-byte cp.async copies
     check_aligned(packed, op, "packed", 16);
-    LOWBIT_RUN_CUDA(op, async_dequant_gemm_cuda(xq, d, packed, scales, zeros, out, k, group_size, stream));
+    LOWBIT_RUN_CUDA(op, async_dequant_gemm_cuda(xq, d, packed, scales, zeros, out, k, bits, group_size, stream));
     return;
   }
   py::gil_scoped_release release;
-  async_dequant_gemm_cpu(xq, d, packed, scales, zeros, out, k, group_size);
+  async_dequant_gemm_cpu(xq, d, packed, scales, zeros, out, k, bits, group_size);
 }
 
 }  // namespace
@@ -95,8 +97,8 @@ void register_async_dequant(py::module_& m) {
         py::arg("group_size"), py::arg("stream"),
         "Symmetric int8 quantization of x [M, K] per row and group: xq [M, ceil(K/128)*128], d [M, groups].");
   m.def("async_dequant_gemm", &async_dequant_gemm, py::arg("xq"), py::arg("d"), py::arg("packed"),
-        py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("k"), py::arg("group_size"), py::arg("stream"),
-        "out = dequant(xq, d) . W_hat^T for a 2-bit weight in the aligned layout (async_dequant.h).");
+        py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("stream"),
+        "out = dequant(xq, d) . W_hat^T for a 2- or 4-bit weight in the aligned layout (async_dequant.h).");
 }
 
 }  // namespace lowbit

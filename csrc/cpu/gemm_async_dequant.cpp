@@ -1,9 +1,9 @@
-// CPU asynchronous-dequantization 2-bit GEMM over the aligned layout (async_dequant.h), and the int8
+// CPU asynchronous-dequantization 2/4-bit GEMM over the aligned layout (async_dequant.h), and the int8
 // activation quantization it multiplies.
 // GEMM: tasks of 16 weight rows x 64 rows of x run in parallel (OpenMP). For each weight row and group, up to 4
 // rows of x at a time: every 32-code run of the group is one 32-byte load of its chunk, one shift and one mask
 // (the 32 codes as bytes), then per row of x one vpmaddubsw against the 32 contiguous int8 activations, summed
-// in int16 lanes over the group (at most 4 runs: |sum| <= 4 * 2 * 3 * 127 fits), widened once per group and
+// in int16 lanes over the group (at most 4 runs: |sum| <= 4 * 2 * 15 * 127 fits), widened once per group and
 // scaled in fp32 by scale * d. The next weight row is prefetched while the current one is unpacked. The zero
 // correction sum_g scale * zero * d * sum(xq) uses per-group activation sums computed once per call. AVX2 is
 // chosen at run time (LOWBIT_CPU_ISA=scalar forces the portable path); the portable path computes the same
@@ -46,7 +46,7 @@ struct AsyncArgs {
   const uint16_t* scales;
   const uint16_t* zeros;
   int64_t groups, k, m, n;
-  int group_size;
+  int bits, group_size;
   float* y;  // [M, N] fp32
 };
 
@@ -69,7 +69,7 @@ void rows_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
     for (int i = 0; i < MR; ++i) {
       const int8_t* x = a.xq + (m0 + i) * a.kp;
       int32_t dot = 0;
-      for (int64_t k = k0; k < k1; ++k) dot += int32_t(aligned_code(codes, k)) * x[k];
+      for (int64_t k = k0; k < k1; ++k) dot += int32_t(aligned_code(codes, k, a.bits)) * x[k];
       acc[i] += s * a.d[(m0 + i) * a.groups + g] * float(dot);
     }
   }
@@ -107,14 +107,20 @@ LOWBIT_AVX2 inline void zero_correction_avx2(const AsyncArgs& a, int64_t row, in
   }
 }
 
+// The 32 codes of run r (k = 32 r .. 32 r + 31) of a BITS-wide aligned row, as bytes.
+template <int BITS>
+LOWBIT_AVX2 inline __m256i run_codes(const uint8_t* codes, int64_t r) {
+  constexpr int kRuns = 8 / BITS;  // runs per 32-byte chunk
+  const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (r / kRuns) * 32));
+  return _mm256_and_si256(_mm256_srli_epi16(chunk, int(r % kRuns) * BITS), _mm256_set1_epi8((1 << BITS) - 1));
+}
+
 // Adds the int16 sums of runs r0..r1 (the 32 codes of each against 32 int8 activations) for MR rows of x.
-template <int MR>
+template <int MR, int BITS>
 LOWBIT_AVX2 inline void add_runs(const AsyncArgs& a, const uint8_t* codes, int64_t m0, int64_t r0, int64_t r1,
                                  __m256i* sum16) {
-  const __m256i mask = _mm256_set1_epi8(3);
   for (int64_t r = r0; r < r1; ++r) {
-    const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (r >> 2) * 32));
-    const __m256i q = _mm256_and_si256(_mm256_srli_epi16(chunk, int(r & 3) * 2), mask);
+    const __m256i q = run_codes<BITS>(codes, r);
     for (int i = 0; i < MR; ++i) {
       const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + r * 32));
       sum16[i] = _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(q, x));
@@ -123,12 +129,11 @@ LOWBIT_AVX2 inline void add_runs(const AsyncArgs& a, const uint8_t* codes, int64
 }
 
 // One weight row against MR rows of x, for groups of RPG runs (group_size / 32): whole groups run a loop of
-// compile-time length (RPG = 4: one chunk load for the group's four shifts), a short last group the general one.
-template <int MR, int RPG>
+// compile-time length, a short last group the general one.
+template <int MR, int RPG, int BITS>
 LOWBIT_AVX2 void rows_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
   const uint8_t* codes = a.packed + row * a.row_bytes;
   if (row + 1 < a.n) _mm_prefetch(reinterpret_cast<const char*>(codes + a.row_bytes), _MM_HINT_T0);
-  const __m256i mask = _mm256_set1_epi8(3);
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t runs = (a.k + 31) / 32;
   const int64_t whole = std::min(a.groups, runs / RPG);
@@ -141,15 +146,14 @@ LOWBIT_AVX2 void rows_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
     if (g < whole) {
       for (int c = 0; c < RPG; ++c) {
         const int64_t r = r0 + c;
-        const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + (r >> 2) * 32));
-        const __m256i q = _mm256_and_si256(_mm256_srli_epi16(chunk, int(r & 3) * 2), mask);
+        const __m256i q = run_codes<BITS>(codes, r);
         for (int i = 0; i < MR; ++i) {
           const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + r * 32));
           sum16[i] = _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(q, x));
         }
       }
     } else {
-      add_runs<MR>(a, codes, m0, r0, std::min(runs, r0 + RPG), sum16);
+      add_runs<MR, BITS>(a, codes, m0, r0, std::min(runs, r0 + RPG), sum16);
     }
     const float s = _cvtsh_ss(a.scales[row * a.groups + g]);
     for (int i = 0; i < MR; ++i) {
@@ -162,18 +166,18 @@ LOWBIT_AVX2 void rows_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
   for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = hsum(acc[i]) - corr[i];
 }
 
-template <int RPG>
+template <int RPG, int BITS>
 constexpr RowsFnTable avx2_table() {
-  return {{rows_avx2<1, RPG>, rows_avx2<2, RPG>, rows_avx2<3, RPG>, rows_avx2<4, RPG>}};
+  return {{rows_avx2<1, RPG, BITS>, rows_avx2<2, RPG, BITS>, rows_avx2<3, RPG, BITS>, rows_avx2<4, RPG, BITS>}};
 }
 #endif
 
 
 // AVX2 when the CPU has it, unless the environment variable LOWBIT_CPU_ISA=scalar (read once) asks for the
 // portable path.
-// Kernel tables by group size (32, 64, 128 -> 0, 1, 2).
+// Kernel tables by bits (2, 4 -> 0, 1) and group size (32, 64, 128 -> 0, 1, 2).
 struct RowsKernels {
-  RowsFnTable by_group[3];
+  RowsFnTable by_bits_group[2][3];
 };
 
 RowsKernels select_kernels() {
@@ -183,9 +187,10 @@ RowsKernels select_kernels() {
   const bool portable = isa != nullptr && std::strcmp(isa, "scalar") == 0;
   if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
       __builtin_cpu_supports("f16c"))
-    return {{avx2_table<1>(), avx2_table<2>(), avx2_table<4>()}};
+    return {{{avx2_table<1, 2>(), avx2_table<2, 2>(), avx2_table<4, 2>()},
+             {avx2_table<1, 4>(), avx2_table<2, 4>(), avx2_table<4, 4>()}}};
 #endif
-  return {{portable_table, portable_table, portable_table}};
+  return {{{portable_table, portable_table, portable_table}, {portable_table, portable_table, portable_table}}};
 }
 
 template <typename IO>
@@ -227,7 +232,7 @@ void quantize_activations_cpu(const TensorView& x, const TensorView& xq, const T
 
 void async_dequant_gemm_cpu(const TensorView& xq, const TensorView& d, const TensorView& packed,
                             const TensorView& scales, const TensorView& zeros, const TensorView& out, int64_t k,
-                            int group_size) {
+                            int bits, int group_size) {
   const int64_t m = xq.size(0), n = packed.size(0);
   if (m == 0 || n == 0) return;
   const int64_t groups = d.size(1), kp = xq.size(1);
@@ -243,10 +248,11 @@ void async_dequant_gemm_cpu(const TensorView& xq, const TensorView& d, const Ten
   const bool direct = out.dtype == DType::f32;
   std::vector<float> staging(direct ? 0 : size_t(m * n));
   AsyncArgs a{xqp, kp, dp, u.data(), static_cast<const uint8_t*>(packed.data),
-              aligned_words_per_row(k) * 4, scales.ptr<uint16_t>(), zeros.ptr<uint16_t>(), groups, k, m, n,
-              group_size, direct ? out.ptr<float>() : staging.data()};
+              aligned_words_per_row(k, bits) * 4, scales.ptr<uint16_t>(), zeros.ptr<uint16_t>(), groups, k, m, n,
+              bits, group_size, direct ? out.ptr<float>() : staging.data()};
   static const RowsKernels kernels = select_kernels();
-  const RowsFnTable& table = kernels.by_group[group_size == 32 ? 0 : group_size == 64 ? 1 : 2];
+  const int group_index = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
+  const RowsFnTable& table = kernels.by_bits_group[bits == 2 ? 0 : 1][group_index];
   const int64_t row_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t m_tasks = (m + kXRowsPerTask - 1) / kXRowsPerTask;
 #pragma omp parallel for schedule(static) if (m * n * k >= (int64_t(1) << 18))

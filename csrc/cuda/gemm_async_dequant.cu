@@ -1,10 +1,11 @@
-// CUDA asynchronous-dequantization 2-bit GEMM over the aligned layout (async_dequant.h), after "Enabling Fast
+// CUDA asynchronous-dequantization 2/4-bit GEMM over the aligned layout (async_dequant.h), after "Enabling Fast
 // 2-bit LLM on GPUs: Memory Alignment and Asynchronous Dequantization", and the int8 activation quantization.
 // GEMM: a CUDA block of 128 threads owns 16 weight rows and up to 4 rows of x (grid.y walks further rows of x).
-// K is walked in tiles of 512 codes, two shared-memory stages deep: while tile t is multiplied, tile t + 1's
-// codes (16 rows x 128 bytes) and activations (4 rows x 512 int8) are in flight as 16-byte cp.async copies, and
-// tile t's scales and zeros are loaded into registers before the wait. Thread (row r = tid / 8, piece j = tid % 8)
-// owns 16 bytes of chunk j / 2 of its row: for each run c = 0..3 one shift + mask per word gives 4 codes as bytes,
+// K is walked in tiles of 4 chunks (512 codes at 2 bits, 256 at 4), two shared-memory stages deep: while tile t
+// is multiplied, tile t + 1's codes (16 rows x 128 bytes) and activations (4 rows x the tile's int8) are in flight
+// as 16-byte cp.async copies, and tile t's scales and zeros are loaded into registers before the wait. Thread
+// (row r = tid / 8, piece j = tid % 8) owns 16 bytes of chunk j / 2 of its row: for each of the chunk's runs c
+// (4 at 2 bits, 2 at 4) one shift + mask per word gives 4 codes as bytes,
 // multiplied with 4 int8 activations by dp4a (exact int32), then scaled by scale * d in fp32. Activation chunks
 // sit 160 bytes apart in shared memory, so the 8 pieces of a row hit 8 distinct bank quads. The 8 threads of a
 // row are reduced by shuffles. Before sm_80 (no cp.async) the copies are plain 16-byte loads and stores.
@@ -23,7 +24,7 @@ constexpr int kThreads = 128;
 constexpr int kRows = 16;          // weight rows per CUDA block
 constexpr int kPieces = 8;         // 16-byte pieces per row and tile
 constexpr int kMb = 4;             // rows of x per CUDA block
-constexpr int kTileChunks = 4;     // 128-code chunks per tile (512 codes)
+constexpr int kTileChunks = 4;     // 32-byte chunks per tile
 constexpr int kXChunkStride = 160; // bytes between activation chunks in shared memory (128 + 32 of padding)
 
 __device__ __forceinline__ void copy16(void* smem, const void* gmem) {
@@ -50,7 +51,7 @@ struct Stage {
   uint8_t x[kMb][kTileChunks * kXChunkStride];
 };
 
-template <typename IO>
+template <typename IO, int BITS>
 __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
     const int8_t* __restrict__ xq, const float* __restrict__ d, const uint8_t* __restrict__ packed,
     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros, typename IO::storage* __restrict__ out,
@@ -61,17 +62,20 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
   const int row = blockIdx.x * kRows + r;
   const int m0 = blockIdx.y * kMb;
   const int mb = min(kMb, m - m0);
-  const int chunks = int(aligned_chunks(k));
+  constexpr int kCodes = 256 / BITS, kRuns = 8 / BITS;  // codes and 32-code runs per chunk
+  constexpr int kXPieces = kCodes / 16;                  // 16-byte activation pieces per chunk
+  constexpr uint32_t kMask = BITS == 2 ? 0x03030303u : 0x0f0f0f0fu;
+  const int chunks = int(aligned_chunks(k, BITS));
   const int tiles = (chunks + kTileChunks - 1) / kTileChunks;
   const int64_t row_bytes = int64_t(chunks) * 32;
 
   auto load_tile = [&](int t, Stage& s) {
     const int ch = t * kTileChunks + j / 2;
     if (row < n && ch < chunks) copy16(&s.codes[r][j * 16], packed + row * row_bytes + ch * 32 + (j % 2) * 16);
-    const int xm = tid / 32, piece = tid % 32, xch = t * kTileChunks + piece / 8;
-    if (xm < mb && xch < chunks)
-      copy16(&s.x[xm][(piece / 8) * kXChunkStride + (piece % 8) * 16],
-             xq + int64_t(m0 + xm) * kp + int64_t(xch) * kAlignedChunkCodes + (piece % 8) * 16);
+    const int xm = tid / 32, piece = tid % 32, xch = t * kTileChunks + piece / kXPieces;
+    if (xm < mb && piece < kTileChunks * kXPieces && xch < chunks)
+      copy16(&s.x[xm][(piece / kXPieces) * kXChunkStride + (piece % kXPieces) * 16],
+             xq + int64_t(m0 + xm) * kp + int64_t(xch) * kCodes + (piece % kXPieces) * 16);
     copy_commit();
   };
 
@@ -84,12 +88,12 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
       copy_commit();  // an empty group keeps "all but one" meaning "tile t has landed"
     const int ch = t * kTileChunks + j / 2;
     const bool live = row < n && ch < chunks;
-    // Scales and zeros of the thread's 4 runs, issued before the wait so that they overlap it.
-    float sc[4], zc[4];
-    int gc[4];
+    // Scales and zeros of the thread's runs, issued before the wait so that they overlap it.
+    float sc[kRuns], zc[kRuns];
+    int gc[kRuns];
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const int krun = ch * kAlignedChunkCodes + 32 * c;
+    for (int c = 0; c < kRuns; ++c) {
+      const int krun = ch * kCodes + 32 * c;
       gc[c] = live && krun < k ? krun / group_size : -1;
       sc[c] = gc[c] >= 0 ? half_to_float(scales[int64_t(row) * groups + gc[c]]) : 0.0f;
       zc[c] = gc[c] >= 0 ? half_to_float(zeros[int64_t(row) * groups + gc[c]]) : 0.0f;
@@ -100,10 +104,10 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
     if (live) {
       const uint4 cw = *reinterpret_cast<const uint4*>(&s.codes[r][j * 16]);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < kRuns; ++c) {
         if (gc[c] < 0) continue;
-        const uint32_t q0 = (cw.x >> (2 * c)) & 0x03030303u, q1 = (cw.y >> (2 * c)) & 0x03030303u;
-        const uint32_t q2 = (cw.z >> (2 * c)) & 0x03030303u, q3 = (cw.w >> (2 * c)) & 0x03030303u;
+        const uint32_t q0 = (cw.x >> (BITS * c)) & kMask, q1 = (cw.y >> (BITS * c)) & kMask;
+        const uint32_t q2 = (cw.z >> (BITS * c)) & kMask, q3 = (cw.w >> (BITS * c)) & kMask;
 #pragma unroll
         for (int i = 0; i < kMb; ++i) {
           if (i >= mb) break;
@@ -163,10 +167,11 @@ void quantize(const TensorView& x, const TensorView& xq, const TensorView& d, in
 
 template <typename IO>
 void gemm(const TensorView& xq, const TensorView& d, const TensorView& packed, const TensorView& scales,
-          const TensorView& zeros, const TensorView& out, int64_t k, int group_size, cudaStream_t stream) {
+          const TensorView& zeros, const TensorView& out, int64_t k, int bits, int group_size, cudaStream_t stream) {
   const int m = int(xq.size(0)), n = int(packed.size(0));
   const dim3 grid(unsigned((n + kRows - 1) / kRows), unsigned((m + kMb - 1) / kMb));
-  async_dequant_gemm_kernel<IO><<<grid, kThreads, 0, stream>>>(
+  auto kernel = bits == 2 ? async_dequant_gemm_kernel<IO, 2> : async_dequant_gemm_kernel<IO, 4>;
+  kernel<<<grid, kThreads, 0, stream>>>(
       xq.ptr<int8_t>(), d.ptr<float>(), static_cast<const uint8_t*>(packed.data), scales.ptr<uint16_t>(),
       zeros.ptr<uint16_t>(), static_cast<typename IO::storage*>(out.data), m, n, int(k), int(xq.size(1)),
       int(d.size(1)), group_size);
@@ -188,13 +193,13 @@ void quantize_activations_cuda(const TensorView& x, const TensorView& xq, const 
 
 void async_dequant_gemm_cuda(const TensorView& xq, const TensorView& d, const TensorView& packed,
                              const TensorView& scales, const TensorView& zeros, const TensorView& out, int64_t k,
-                             int group_size, int64_t stream) {
+                             int bits, int group_size, int64_t stream) {
   if (xq.size(0) == 0 || packed.size(0) == 0) return;
   DeviceGuard guard(xq.device_id);
   switch (out.dtype) {
-    case DType::f32: gemm<F32>(xq, d, packed, scales, zeros, out, k, group_size, as_stream(stream)); break;
-    case DType::f16: gemm<F16>(xq, d, packed, scales, zeros, out, k, group_size, as_stream(stream)); break;
-    case DType::bf16: gemm<BF16>(xq, d, packed, scales, zeros, out, k, group_size, as_stream(stream)); break;
+    case DType::f32: gemm<F32>(xq, d, packed, scales, zeros, out, k, bits, group_size, as_stream(stream)); break;
+    case DType::f16: gemm<F16>(xq, d, packed, scales, zeros, out, k, bits, group_size, as_stream(stream)); break;
+    case DType::bf16: gemm<BF16>(xq, d, packed, scales, zeros, out, k, bits, group_size, as_stream(stream)); break;
     default: throw type_error("async_dequant_gemm: out must be float32, float16 or bfloat16");
   }
 }

@@ -9,8 +9,9 @@ from lowbit.ops.pack import (dequantize_lut, dequantize_mixed, dequantize_unifor
 from lowbit.ops.lut_gemm import LUT_GEMM_BITS, LUT_GEMM_GROUP_SIZES, lut_gemm, lut_gemm_cpu_isa
 from lowbit.ops.vq_gemm import (VQ_CODEBOOKS, VQ_MAX_ENTRIES, VQ_MIN_ENTRIES, VQ_STRATEGIES, VQ_VECTOR_LENGTH,
                                 vq_dequantize, vq_gemm, vq_gemm_cpu_strategy)
-from lowbit.ops.async_dequant import (ASYNC_DEQUANT_GROUP_SIZES, aligned_from_codes, aligned_words_per_row,
-                                     async_dequant_gemm, prepare_async_dequant, quantize_activations)
+from lowbit.ops.async_dequant import (ASYNC_DEQUANT_BITS, ASYNC_DEQUANT_GROUP_SIZES, aligned_from_codes,
+                                     aligned_words_per_row, async_dequant_gemm, prepare_async_dequant,
+                                     quantize_activations)
 from lowbit.ops.kv import (KV_BITS, KV_GROUP_SIZES, KV_HEAD_DIMS, kv_dequantize_keys, kv_dequantize_values,
                            kv_quantize_keys, kv_quantize_values, quantized_attention_decode)
 
@@ -24,4 +25,4 @@ __all__ = ["hadamard_transform", "randomized_hadamard_transform", "random_signs"
            "kv_quantize_keys", "kv_quantize_values", "kv_dequantize_keys", "kv_dequantize_values",
            "quantized_attention_decode", "KV_BITS", "KV_GROUP_SIZES", "KV_HEAD_DIMS",
            "async_dequant_gemm", "prepare_async_dequant", "aligned_from_codes", "aligned_words_per_row",
-           "quantize_activations", "ASYNC_DEQUANT_GROUP_SIZES"]
+           "quantize_activations", "ASYNC_DEQUANT_BITS", "ASYNC_DEQUANT_GROUP_SIZES"]

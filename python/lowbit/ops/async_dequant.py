@@ -1,9 +1,10 @@
-"""Asynchronous-dequantization 2-bit GEMM: ``y = x @ W_hat.T`` for a 2-bit ``uniform`` weight re-laid once into
+"""Asynchronous-dequantization GEMM: ``y = x @ W_hat.T`` for a 2- or 4-bit ``uniform`` weight re-laid once into
 the aligned layout, with the activations quantized on the fly to int8 per row and weight group.
 
-The aligned layout (``include/lowbit/async_dequant.h``): each row is cut into chunks of 128 codes stored in 32
-bytes; byte b of chunk t holds at bits [2c, 2c+2) the code of k = 128 t + 32 c + b. One 32-byte load and one
-shift + mask give 32 codes that meet 32 contiguous activations: wide, aligned loads on both backends (16-byte
+The aligned layout (``include/lowbit/async_dequant.h``): each row is cut into chunks of 256 / bits codes stored in
+32 bytes; byte j of chunk t holds at bits [bits c, bits (c+1)) the code of k = (256 / bits) t + 32 c + j. One
+32-byte load and one shift + mask give 32 codes that meet 32 contiguous activations: wide, aligned loads on both
+backends (16-byte
 ``cp.async`` copies, two stages deep, on CUDA; AVX2 ``vpmaddubsw`` on CPU). :func:`prepare_async_dequant` makes it
 from the canonical layout of :func:`lowbit.ops.pack_uniform` (checkpoints keep the canonical layout).
 
@@ -24,15 +25,22 @@ from lowbit.ops.pack import unpack
 
 Array = Union[torch.Tensor, np.ndarray]
 
-#: Group sizes the GEMM takes (a group is a whole number of 32-code runs).
+#: Code widths and group sizes the GEMM takes (a group is a whole number of 32-code runs).
+ASYNC_DEQUANT_BITS: tuple[int, ...] = (2, 4)
 ASYNC_DEQUANT_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-_CHUNK = 128
+_XQ_PAD = 128  # activation rows are padded to a multiple of the largest chunk
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def aligned_words_per_row(k: int) -> int:
-    """int32 words per row of the aligned 2-bit layout: ceil(k / 128) * 8."""
-    return -(-int(k) // _CHUNK) * 8
+def _check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ASYNC_DEQUANT_BITS:
+        raise ValueError(f"bits must be one of {ASYNC_DEQUANT_BITS}, got {bits!r}")
+    return bits
+
+
+def aligned_words_per_row(k: int, bits: int = 2) -> int:
+    """int32 words per row of the aligned layout: ceil(k * bits / 256) * 8."""
+    return -(-int(k) // (256 // _check_bits(bits))) * 8
 
 
 def _check_group_size(group_size: int) -> int:
@@ -41,33 +49,35 @@ def _check_group_size(group_size: int) -> int:
     return int(group_size)
 
 
-def aligned_from_codes(codes: torch.Tensor) -> torch.Tensor:
-    """The aligned layout (int32 [N, ceil(K/128)*8]) of 2-bit codes given as uint8 [N, K] (values 0..3)."""
+def aligned_from_codes(codes: torch.Tensor, bits: int = 2) -> torch.Tensor:
+    """The aligned layout (int32 [N, aligned_words_per_row(K, bits)]) of codes given as uint8 [N, K]."""
+    _check_bits(bits)
     codes = as_tensor(codes, "codes")
     if codes.dtype != torch.uint8 or codes.dim() != 2:
         raise TypeError(f"codes must be a uint8 tensor [N, K], got {codes.dtype} of shape {list(codes.shape)}")
-    if codes.numel() and int(codes.max()) > 3:
-        raise ValueError(f"codes must be 2-bit (0..3), got a maximum of {int(codes.max())}")
+    if codes.numel() and int(codes.max()) >= 2**bits:
+        raise ValueError(f"codes must be {bits}-bit (0..{2**bits - 1}), got a maximum of {int(codes.max())}")
     n, k = codes.shape
-    kp = -(-k // _CHUNK) * _CHUNK
+    chunk, runs = 256 // bits, 8 // bits
+    kp = -(-k // chunk) * chunk
     padded = torch.zeros(n, kp, dtype=torch.uint8, device=codes.device)
     padded[:, :k] = codes
-    runs = padded.view(n, kp // _CHUNK, 4, 32)  # [n, chunk, c, b]: k = 128 * chunk + 32 * c + b
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=codes.device).view(1, 1, 4, 1)
-    chunk_bytes = (runs << shifts).sum(dim=2, dtype=torch.uint8)  # the four 2-bit fields never overlap
-    return chunk_bytes.reshape(n, kp // 4).view(torch.int32)
+    by_run = padded.view(n, kp // chunk, runs, 32)  # [n, chunk, c, j]: k = chunk_codes * t + 32 * c + j
+    shifts = (torch.arange(runs, dtype=torch.uint8, device=codes.device) * bits).view(1, 1, runs, 1)
+    chunk_bytes = (by_run << shifts).sum(dim=2, dtype=torch.uint8)  # the fields of a byte never overlap
+    return chunk_bytes.reshape(n, kp // chunk * 32).view(torch.int32)
 
 
-def prepare_async_dequant(packed: Array, k: int) -> torch.Tensor:
-    """Re-lays a canonical 2-bit packed weight (int32 [N, ceil(K/32)*2], from pack_uniform) into the aligned layout
+def prepare_async_dequant(packed: Array, k: int, bits: int = 2) -> torch.Tensor:
+    """Re-lays a canonical packed weight (int32 [N, ceil(K/32)*bits], from pack_uniform) into the aligned layout
     the GEMM reads, on the same device. Done once, at load time."""
-    return aligned_from_codes(as_tensor(unpack(packed, 2, k), "codes"))
+    return aligned_from_codes(as_tensor(unpack(packed, _check_bits(bits), k), "codes"), bits)
 
 
 @torch.library.custom_op("lowbit::quantize_activations", mutates_args=())
 def _quantize_activations_op(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
-    xq = torch.empty(m, -(-k // _CHUNK) * _CHUNK, dtype=torch.int8, device=x.device)
+    xq = torch.empty(m, -(-k // _XQ_PAD) * _XQ_PAD, dtype=torch.int8, device=x.device)
     d = torch.empty(m, -(-k // group_size), dtype=torch.float32, device=x.device)
     _C.quantize_activations(capsule(x), capsule(xq), capsule(d), group_size, stream_of(x))
     return xq, d
@@ -76,22 +86,22 @@ def _quantize_activations_op(x: torch.Tensor, group_size: int) -> tuple[torch.Te
 @_quantize_activations_op.register_fake
 def _(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
-    return (x.new_empty(m, -(-k // _CHUNK) * _CHUNK, dtype=torch.int8),
+    return (x.new_empty(m, -(-k // _XQ_PAD) * _XQ_PAD, dtype=torch.int8),
             x.new_empty(m, -(-k // group_size), dtype=torch.float32))
 
 
 @torch.library.custom_op("lowbit::async_dequant_gemm", mutates_args=())
 def _async_dequant_gemm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                           group_size: int) -> torch.Tensor:
+                           bits: int, group_size: int) -> torch.Tensor:
     xq, d = _quantize_activations_op(x, group_size)
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
     _C.async_dequant_gemm(capsule(xq), capsule(d), capsule(packed), capsule(scales), capsule(zeros), capsule(out),
-                          x.shape[1], group_size, stream_of(x))
+                          x.shape[1], bits, group_size, stream_of(x))
     return out
 
 
 @_async_dequant_gemm_op.register_fake
-def _(x, packed, scales, zeros, group_size):
+def _(x, packed, scales, zeros, bits, group_size):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
@@ -106,14 +116,16 @@ def quantize_activations(x: Array, group_size: int) -> tuple[torch.Tensor, torch
     return _quantize_activations_op(t.contiguous(), _check_group_size(group_size))
 
 
-def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, group_size: int) -> Array:
-    """``x @ W_hat.T`` for a 2-bit weight ``W_hat = scales * (q - zeros)`` in the aligned layout.
+def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, group_size: int,
+                       bits: int = 2) -> Array:
+    """``x @ W_hat.T`` for a 2- or 4-bit weight ``W_hat = scales * (q - zeros)`` in the aligned layout.
 
     Args:
         x: float32, float16 or bfloat16 activations [..., K] (numpy arrays give numpy results).
-        packed: int32 [N, ceil(K/128)*8], from :func:`prepare_async_dequant` or :func:`aligned_from_codes`.
+        packed: int32 [N, aligned_words_per_row(K, bits)], from :func:`prepare_async_dequant` or
+            :func:`aligned_from_codes`.
         scales, zeros: float16 [N, ceil(K/group_size)] (the ``uniform`` format's; the last group may be short).
-        group_size: 32, 64 or 128.
+        group_size: 32, 64 or 128. bits: 2 (default) or 4.
 
     Returns:
         [..., N] in the dtype of x (activations rounded to int8 per group first; see the module docstring).
@@ -122,7 +134,7 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, gro
         TypeError / ValueError naming the argument for a wrong dtype, shape, device or group size;
         RuntimeError for CUDA tensors without a CUDA build or device.
     """
-    group_size = _check_group_size(group_size)
+    group_size, bits = _check_group_size(group_size), _check_bits(bits)
 
     def run(t: torch.Tensor) -> torch.Tensor:
         t = as_tensor(t, "x")
@@ -132,8 +144,9 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, gro
             raise ValueError(f"x must have shape [..., K] with K >= 1, got {list(t.shape)}")
         k = t.shape[-1]
         p = as_tensor(packed, "packed")
-        if p.dtype not in (torch.int32, torch.uint32) or p.dim() != 2 or p.shape[1] != aligned_words_per_row(k):
-            raise ValueError(f"packed must be int32 [N, {aligned_words_per_row(k)}] (aligned layout for K = {k}), "
+        words = aligned_words_per_row(k, bits)
+        if p.dtype not in (torch.int32, torch.uint32) or p.dim() != 2 or p.shape[1] != words:
+            raise ValueError(f"packed must be int32 [N, {words}] (aligned {bits}-bit layout for K = {k}), "
                              f"got {p.dtype} of shape {list(p.shape)}")
         groups = -(-k // group_size)
         params = []
@@ -149,11 +162,11 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, gro
         if p.device != t.device:
             raise ValueError(f"packed must be on the device of x ({t.device}), got {p.device}")
         y = _async_dequant_gemm_op(t.reshape(-1, k).contiguous(), p.contiguous().view(torch.int32), *params,
-                                   group_size)
+                                   bits, group_size)
         return y.reshape(*t.shape[:-1], p.shape[0])
 
     return with_numpy(run, x)
 
 
 __all__ = ["async_dequant_gemm", "prepare_async_dequant", "aligned_from_codes", "aligned_words_per_row",
-           "quantize_activations", "ASYNC_DEQUANT_GROUP_SIZES"]
+           "quantize_activations", "ASYNC_DEQUANT_BITS", "ASYNC_DEQUANT_GROUP_SIZES"]
