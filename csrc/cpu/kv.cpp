@@ -466,16 +466,6 @@ void attention(const TensorView& qv, const KvCache& c, const TensorView& out, in
   }
 }
 
-template <typename F>
-void by_dtype(DType t, const char* op, const char* arg, F&& f) {
-  switch (t) {
-    case DType::f32: f(F32()); break;
-    case DType::f16: f(F16()); break;
-    case DType::bf16: f(BF16()); break;
-    default: throw type_error(std::string(op) + ": " + arg + " must be float32, float16 or bfloat16");
-  }
-}
-
 }  // namespace
 
 void kv_quantize_keys_cpu(const TensorView& k, const TensorView& codes, const TensorView& scale,

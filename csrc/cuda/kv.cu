@@ -266,16 +266,6 @@ __global__ void decode_reduce_kernel(const float* __restrict__ ws, typename IO::
   }
 }
 
-template <typename F>
-void by_dtype(DType t, const char* op, const char* arg, F&& f) {
-  switch (t) {
-    case DType::f32: f(F32()); break;
-    case DType::f16: f(F16()); break;
-    case DType::bf16: f(BF16()); break;
-    default: throw type_error(std::string(op) + ": " + arg + " must be float32, float16 or bfloat16");
-  }
-}
-
 template <typename IO, int BITS>
 void launch_decode(const TensorView& q, const KvCache& c, const TensorView& out, const TensorView& ws, int group,
                    float softmax_scale, cudaStream_t stream) {
