@@ -97,7 +97,8 @@ void register_async_dequant(py::module_& m) {
         py::arg("group_size"), py::arg("stream"),
         "Symmetric int8 quantization of x [M, K] per row and group: xq [M, ceil(K/128)*128], d [M, groups].");
   m.def("async_dequant_gemm", &async_dequant_gemm, py::arg("xq"), py::arg("d"), py::arg("packed"),
-        py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("k"), py::arg("bits"), py::arg("group_size"), py::arg("stream"),
+        py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("k"), py::arg("bits"), py::arg("group_size"),
+        py::arg("stream"),
         "out = dequant(xq, d) . W_hat^T for a 2- or 4-bit weight in the aligned layout (async_dequant.h).");
 }
 

@@ -20,9 +20,9 @@ class QuantLinear(nn.Module):
     run through :func:`lowbit.ops.async_dequant_gemm` (activations rounded to int8 per group, about 0.5-1%
     relative error on the output, for a GEMV several times faster). ``mixed`` weights are split once, at
     construction, into their 4-bit and 2-bit groups (groups sorted by width, order kept inside each width), each a
-    uniform matrix run by the kernel of its width on the matching columns of x. ``vq`` weights run through :func:`lowbit.ops.vq_gemm` straight from
-    their codes and codebooks. With incoherence signs, x is rotated by H_K diag(s_in) first and the
-    output by diag(s_out) H_N^T after (the QuIP transform the quantizer applied to W).
+    uniform matrix run by the kernel of its width on the matching columns of x. ``vq`` weights run through
+    :func:`lowbit.ops.vq_gemm` straight from their codes and codebooks. With incoherence signs, x is rotated by
+    H_K diag(s_in) first and the output by diag(s_out) H_N^T after (the QuIP transform the quantizer applied to W).
 
     Args:
         weight: the quantized weight [out_features, in_features].

@@ -44,9 +44,10 @@ def aligned_words_per_row(k: int, bits: int = 2) -> int:
 
 
 def _check_group_size(group_size: int) -> int:
-    if isinstance(group_size, bool) or int(group_size) not in ASYNC_DEQUANT_GROUP_SIZES:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in \
+            ASYNC_DEQUANT_GROUP_SIZES:
         raise ValueError(f"group_size must be one of {ASYNC_DEQUANT_GROUP_SIZES}, got {group_size!r}")
-    return int(group_size)
+    return group_size
 
 
 def aligned_from_codes(codes: torch.Tensor, bits: int = 2) -> torch.Tensor:
