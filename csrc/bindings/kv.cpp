@@ -56,6 +56,31 @@ void check_bhtd(const TensorView& t, const char* op, const char* arg) {
 
 const std::initializer_list<DType> kWords = {DType::i32, DType::u32};
 
+// The packed keys (codes, scale, zero) of the float keys `ref` [B, H, T, D] (named ref_name): T a multiple of
+// the group, codes [B, H, T/G, D, G*b/32], scale and zero fp16 [B, H, T/G, D].
+void check_key_store(const TensorView& ref, const char* ref_name, const TensorView& codes, const TensorView& scale,
+                     const TensorView& zero, const char* op, int bits, int group) {
+  check_bhtd(ref, op, ref_name);
+  const int64_t B = ref.size(0), H = ref.size(1), T = ref.size(2), D = ref.size(3);
+  if (T % group != 0)
+    fail(op, std::string("the token count of ") + ref_name + " (dim 2) must be a multiple of group_size " +
+                 std::to_string(group) + ", got " + std::to_string(T));
+  check_tensor(codes, ref, op, "codes", ref_name, kWords, {B, H, T / group, D, kv_key_words(group, bits)});
+  check_tensor(scale, ref, op, "scale", ref_name, {DType::f16}, {B, H, T / group, D});
+  check_tensor(zero, ref, op, "zero", ref_name, {DType::f16}, {B, H, T / group, D});
+}
+
+// The packed values (codes, scale, zero) of the float values `ref` [B, H, T, D]: codes [B, H, T, ceil(D/32)*b],
+// scale and zero fp16 [B, H, T, ceil(D/32)].
+void check_value_store(const TensorView& ref, const char* ref_name, const TensorView& codes, const TensorView& scale,
+                       const TensorView& zero, const char* op, int bits) {
+  check_bhtd(ref, op, ref_name);
+  const int64_t B = ref.size(0), H = ref.size(1), T = ref.size(2), D = ref.size(3);
+  check_tensor(codes, ref, op, "codes", ref_name, kWords, {B, H, T, kv_value_words(D, bits)});
+  check_tensor(scale, ref, op, "scale", ref_name, {DType::f16}, {B, H, T, kv_value_groups(D)});
+  check_tensor(zero, ref, op, "zero", ref_name, {DType::f16}, {B, H, T, kv_value_groups(D)});
+}
+
 void quantize_keys(const py::capsule& kc, const py::capsule& codes_c, const py::capsule& scale_c,
                    const py::capsule& zero_c, int bits, int group, int64_t stream) {
   constexpr const char* op = "kv_quantize_keys";
@@ -65,14 +90,7 @@ void quantize_keys(const py::capsule& kc, const py::capsule& codes_c, const py::
   const TensorView codes = view_from_capsule(codes_c, op, "codes", true);
   const TensorView scale = view_from_capsule(scale_c, op, "scale", true);
   const TensorView zero = view_from_capsule(zero_c, op, "zero", true);
-  check_bhtd(k, op, "k");
-  const int64_t B = k.size(0), H = k.size(1), T = k.size(2), D = k.size(3);
-  if (T % group != 0)
-    fail(op, "the token count of k (dim 2) must be a multiple of group_size " + std::to_string(group) + ", got " +
-                 std::to_string(T));
-  check_tensor(codes, k, op, "codes", "k", kWords, {B, H, T / group, D, kv_key_words(group, bits)});
-  check_tensor(scale, k, op, "scale", "k", {DType::f16}, {B, H, T / group, D});
-  check_tensor(zero, k, op, "zero", "k", {DType::f16}, {B, H, T / group, D});
+  check_key_store(k, "k", codes, scale, zero, op, bits, group);
   if (k.device == Device::cuda) {
     LOWBIT_RUN_CUDA(op, kv_quantize_keys_cuda(k, codes, scale, zero, bits, group, stream));
     return;
@@ -89,11 +107,7 @@ void quantize_values(const py::capsule& vc, const py::capsule& codes_c, const py
   const TensorView codes = view_from_capsule(codes_c, op, "codes", true);
   const TensorView scale = view_from_capsule(scale_c, op, "scale", true);
   const TensorView zero = view_from_capsule(zero_c, op, "zero", true);
-  check_bhtd(v, op, "v");
-  const int64_t B = v.size(0), H = v.size(1), T = v.size(2), D = v.size(3);
-  check_tensor(codes, v, op, "codes", "v", kWords, {B, H, T, kv_value_words(D, bits)});
-  check_tensor(scale, v, op, "scale", "v", {DType::f16}, {B, H, T, kv_value_groups(D)});
-  check_tensor(zero, v, op, "zero", "v", {DType::f16}, {B, H, T, kv_value_groups(D)});
+  check_value_store(v, "v", codes, scale, zero, op, bits);
   if (v.device == Device::cuda) {
     LOWBIT_RUN_CUDA(op, kv_quantize_values_cuda(v, codes, scale, zero, bits, stream));
     return;
@@ -111,14 +125,7 @@ void dequantize_keys(const py::capsule& codes_c, const py::capsule& scale_c, con
   const TensorView scale = view_from_capsule(scale_c, op, "scale");
   const TensorView zero = view_from_capsule(zero_c, op, "zero");
   const TensorView out = view_from_capsule(out_c, op, "out", true);
-  check_bhtd(out, op, "out");
-  const int64_t B = out.size(0), H = out.size(1), T = out.size(2), D = out.size(3);
-  if (T % group != 0)
-    fail(op, "the token count of out (dim 2) must be a multiple of group_size " + std::to_string(group) + ", got " +
-                 std::to_string(T));
-  check_tensor(codes, out, op, "codes", "out", kWords, {B, H, T / group, D, kv_key_words(group, bits)});
-  check_tensor(scale, out, op, "scale", "out", {DType::f16}, {B, H, T / group, D});
-  check_tensor(zero, out, op, "zero", "out", {DType::f16}, {B, H, T / group, D});
+  check_key_store(out, "out", codes, scale, zero, op, bits, group);
   if (out.device == Device::cuda) {
     LOWBIT_RUN_CUDA(op, kv_dequantize_keys_cuda(codes, scale, zero, out, bits, group, stream));
     return;
@@ -135,11 +142,7 @@ void dequantize_values(const py::capsule& codes_c, const py::capsule& scale_c, c
   const TensorView scale = view_from_capsule(scale_c, op, "scale");
   const TensorView zero = view_from_capsule(zero_c, op, "zero");
   const TensorView out = view_from_capsule(out_c, op, "out", true);
-  check_bhtd(out, op, "out");
-  const int64_t B = out.size(0), H = out.size(1), T = out.size(2), D = out.size(3);
-  check_tensor(codes, out, op, "codes", "out", kWords, {B, H, T, kv_value_words(D, bits)});
-  check_tensor(scale, out, op, "scale", "out", {DType::f16}, {B, H, T, kv_value_groups(D)});
-  check_tensor(zero, out, op, "zero", "out", {DType::f16}, {B, H, T, kv_value_groups(D)});
+  check_value_store(out, "out", codes, scale, zero, op, bits);
   if (out.device == Device::cuda) {
     LOWBIT_RUN_CUDA(op, kv_dequantize_values_cuda(codes, scale, zero, out, bits, stream));
     return;
