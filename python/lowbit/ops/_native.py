@@ -22,6 +22,19 @@ def stream_of(t: torch.Tensor) -> int:
     return torch.cuda.current_stream(t.device).cuda_stream
 
 
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_activations(x) -> torch.Tensor:
+    """x as a float32/float16/bfloat16 tensor [..., K] (numpy accepted): the common check of every GEMM's input."""
+    t = as_tensor(x, "x")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype float32, float16 or bfloat16, got {t.dtype}")
+    if t.dim() < 1:
+        raise ValueError("x must have at least one dimension [..., K], got a scalar")
+    return t
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """t as a numpy array; bfloat16, which numpy lacks, is a TypeError that says what to do instead."""
     if t.dtype == torch.bfloat16:
@@ -46,4 +59,4 @@ def as_tensor(value, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
-__all__ = ["_C", "capsule", "stream_of", "with_numpy", "to_numpy", "as_tensor"]
+__all__ = ["_C", "capsule", "stream_of", "with_numpy", "to_numpy", "as_tensor", "check_activations"]

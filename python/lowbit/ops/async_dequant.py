@@ -20,7 +20,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, stream_of, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, check_activations, stream_of, with_numpy
 from lowbit.ops.pack import unpack
 
 Array = Union[torch.Tensor, np.ndarray]
@@ -29,7 +29,6 @@ Array = Union[torch.Tensor, np.ndarray]
 ASYNC_DEQUANT_BITS: tuple[int, ...] = (2, 4)
 ASYNC_DEQUANT_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 _XQ_PAD = 128  # activation rows are padded to a multiple of the largest chunk
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_bits(bits: int) -> int:
@@ -109,9 +108,7 @@ def _(x, packed, scales, zeros, bits, group_size):
 def quantize_activations(x: Array, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(xq int8 [M, ceil(K/128)*128], d float32 [M, ceil(K/group_size)]): x [M, K] rounded per row and group to
     ``xq * d`` (symmetric, max |x| -> 127; zero past K). What :func:`async_dequant_gemm` multiplies."""
-    t = as_tensor(x, "x")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must have dtype float32, float16 or bfloat16, got {t.dtype}")
+    t = check_activations(x)
     if t.dim() != 2:
         raise ValueError(f"x must have shape [M, K], got {list(t.shape)}")
     return _quantize_activations_op(t.contiguous(), _check_group_size(group_size))
@@ -138,10 +135,8 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, gro
     group_size, bits = _check_group_size(group_size), _check_bits(bits)
 
     def run(t: torch.Tensor) -> torch.Tensor:
-        t = as_tensor(t, "x")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"x must have dtype float32, float16 or bfloat16, got {t.dtype}")
-        if t.dim() < 1 or t.shape[-1] < 1:
+        t = check_activations(t)
+        if t.shape[-1] < 1:
             raise ValueError(f"x must have shape [..., K] with K >= 1, got {list(t.shape)}")
         k = t.shape[-1]
         p = as_tensor(packed, "packed")

@@ -15,14 +15,13 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, stream_of, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, check_activations, stream_of, with_numpy
 
 Array = Union[torch.Tensor, np.ndarray]
 
 #: Code widths and group sizes the LUT GEMM takes.
 LUT_GEMM_BITS: tuple[int, ...] = (2, 3, 4)
 LUT_GEMM_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CODE_DTYPES = (torch.int32, torch.uint32)
 
 
@@ -81,11 +80,7 @@ def lut_gemm(x: Array, packed: Array, scales: Array, table: Array, bits: int, gr
         raise ValueError(f"group_size must be one of {LUT_GEMM_GROUP_SIZES}, got {group_size!r}")
 
     def run(t: torch.Tensor) -> torch.Tensor:
-        t = as_tensor(t, "x")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"x must have dtype float32, float16 or bfloat16, got {t.dtype}")
-        if t.dim() < 1:
-            raise ValueError("x must have at least one dimension [..., K], got a scalar")
+        t = check_activations(t)
         k = t.shape[-1]
         p = as_tensor(packed, "packed")
         if p.dim() != 2:

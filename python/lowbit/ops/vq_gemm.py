@@ -19,7 +19,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, stream_of, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, check_activations, stream_of, with_numpy
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -123,11 +123,7 @@ def vq_gemm(x: Array, codes: Array, codebooks: Array, scales: Array, strategy: s
         raise ValueError(f"strategy must be one of {VQ_STRATEGIES}, got {strategy!r}")
 
     def run(t: torch.Tensor) -> torch.Tensor:
-        t = as_tensor(t, "x")
-        if t.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"x must have dtype float32, float16 or bfloat16, got {t.dtype}")
-        if t.dim() < 1:
-            raise ValueError("x must have at least one dimension [..., K], got a scalar")
+        t = check_activations(t)
         k = t.shape[-1]
         if k % VQ_VECTOR_LENGTH or k == 0:
             raise ValueError(f"x must have K (its last dimension) a positive multiple of {VQ_VECTOR_LENGTH}, "
