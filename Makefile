@@ -6,7 +6,7 @@ LOWBIT_CUDA ?= AUTO
 LOWBIT_CUDA_ARCHS ?= 80;90
 export LOWBIT_CUDA LOWBIT_CUDA_ARCHS
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench wheel readme-check clean
 
 # torch comes first and pinned: this machine carries a CPU build of 2.13.0; an unpinned torch would pull CUDA.
 $(VENV)/.deps: pyproject.toml
@@ -25,9 +25,26 @@ test: install
 
 demo: install
 	$(PY) examples/kernels_demo.py
+	$(PY) examples/model_demo.py --out demo-out
 
+# The repo's bench/ (not the installed copy): writes bench/results/cpu-<hostname>.json and .png.
 bench: install
-	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/cpu-$$(hostname).json
+	$(VENV)/bin/lowbit bench --bench-dir bench --out bench/results/cpu-$$(hostname)
+
+# The wheel (`pip wheel .`; here without build isolation, so it reuses .venv's build tools and build/ from
+# `make install`), installed into a fresh venv and smoke-tested from outside the source tree.
+SMOKE_VENV := dist/smoke-venv
+wheel: $(VENV)/.deps
+	rm -rf dist && mkdir -p dist
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	$(PYTHON) -m venv $(SMOKE_VENV)
+	$(SMOKE_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(SMOKE_VENV)/bin/python -m pip install -q dist/lowbit-*.whl
+	cd /tmp && $(CURDIR)/$(SMOKE_VENV)/bin/python $(CURDIR)/tools/wheel_smoke.py
+
+# Every command of README.md, run as written (tools/readme_commands.py says which two it leaves to others).
+readme-check: install
+	$(PY) tools/readme_commands.py
 
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) build dist demo-out

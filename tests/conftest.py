@@ -1,5 +1,7 @@
-"""Shared test setup: the `gpu` marker skips without a usable CUDA device; hypothesis profile for CI."""
+"""Shared test setup: the `gpu` marker skips without a usable CUDA device; hypothesis profile for CI; a fixture
+running a module's tests on one torch thread."""
 import pytest
+import torch
 from hypothesis import settings
 
 import lowbit
@@ -15,3 +17,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny ops, which would otherwise spin on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

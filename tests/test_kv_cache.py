@@ -14,13 +14,7 @@ from lowbit.ops import (kv_quantize_keys, kv_quantize_values, quantized_attentio
 PROMPT = 100  # with residual 32, group 32: the prefill leaves 96 tokens packed and 4 in the window
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The kernels' OpenMP threads and torch's: one, so tiny ops don't spin on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -83,3 +83,32 @@ def test_errors():
         QuantLinear(lin.weight)
     with pytest.raises(ValueError, match="weight has shape"):
         QuantLinear.from_linear(nn.Linear(32, 32), q.weight)
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", 4), ("rtn", 2), ("mixed", 2.5)])
+def test_input_permutation(method, bits):
+    """With input_perm p the layer applies W with W[:, p[j]] = stored column j: y = x[..., p] @ stored^T."""
+    lin = nn.Linear(192, 64, bias=True)
+    q = quantize_linear(lin, method, bits, 64, hessian=hessian(192))
+    perm = torch.randperm(192, generator=torch.Generator().manual_seed(0))
+    permuted = QuantLinear(q.weight, lin.bias.detach(), input_perm=perm)
+    stored = q.dequantize()
+    expected_weight = torch.empty_like(stored)
+    expected_weight[:, perm] = stored
+    assert torch.equal(permuted.dequantize(), expected_weight)
+    x = torch.randn(5, 192)
+    torch.testing.assert_close(permuted(x), q(x[:, perm]), rtol=0, atol=0)
+    assert "input_perm=True" in repr(permuted)
+
+
+def test_input_permutation_is_checked():
+    q = quantize_linear(nn.Linear(64, 32), "rtn", 4, 32)
+    with pytest.raises(TypeError, match="input_perm must be an integer tensor"):
+        QuantLinear(q.weight, input_perm=torch.arange(64.0))
+    with pytest.raises(ValueError, match=r"input_perm must have shape \[64\]"):
+        QuantLinear(q.weight, input_perm=torch.arange(63))
+    with pytest.raises(ValueError, match="permutation of 0..63"):
+        QuantLinear(q.weight, input_perm=torch.zeros(64, dtype=torch.int64))
+    signs = torch.ones(64), torch.ones(32)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        QuantLinear(q.weight, signs_in=signs[0], signs_out=signs[1], input_perm=torch.arange(64))

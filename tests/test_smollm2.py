@@ -53,3 +53,14 @@ def test_gptq_beats_rtn_at_2_bits(smollm2):
     rtn = quantized_ppl(smollm2, "rtn", 2, 128, calibrated=False, blocks=3)
     gptq = quantized_ppl(smollm2, "gptq", 2, 128, calibrated=True, blocks=3)
     assert smollm2[3] < gptq < rtn, f"GPTQ-2 perplexity {gptq:.1f} should be between fp32 and RTN-2 {rtn:.1f}"
+
+
+def test_bundled_model_saves_as_a_plain_checkpoint(smollm2, tmp_path):
+    """load_gguf drops transformers' GGUF marker, so save_pretrained works and reloads the same model."""
+    import transformers
+    model, tokens, _, _ = smollm2
+    model.save_pretrained(str(tmp_path))
+    again = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), local_files_only=True).eval()
+    ids = tokens[None, :64]
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=0, atol=0)

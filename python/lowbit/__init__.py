@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from lowbit import _C
 from lowbit import ops
+from lowbit.gptq_checkpoint import load_gptq, save_gptq
 from lowbit.io import load_quantized, save_quantized
 from lowbit.models import quantize_linear, quantize_model
 from lowbit.nn import QuantLinear, replace_linear
@@ -24,5 +25,6 @@ def build_info() -> dict:
 
 
 __all__ = ["ops", "cuda_available", "build_info", "hadamard_transform", "randomized_hadamard_transform",
-           "quantize_model", "quantize_linear", "save_quantized", "load_quantized", "QuantLinear", "replace_linear",
+           "quantize_model", "quantize_linear", "save_quantized", "load_quantized", "save_gptq", "load_gptq",
+           "QuantLinear", "replace_linear",
            "__version__"]

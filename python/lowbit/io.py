@@ -32,7 +32,8 @@ def save_quantized(model: nn.Module, path: Union[str, pathlib.Path]) -> pathlib.
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             layers[name] = {"format": module.format, "config": module.config, "bias": module.bias is not None,
-                            "incoherence": module.signs_in is not None}
+                            "incoherence": module.signs_in is not None,
+                            "input_perm": module.input_perm is not None}
     state, seen = {}, {}
     for key, tensor in model.state_dict().items():
         ptr = (tensor.data_ptr(), tensor.numel(), tensor.dtype) if tensor.numel() else None
@@ -111,11 +112,11 @@ def load_quantized(path: Union[str, pathlib.Path], device: Union[str, torch.devi
     for name, weight in weights.items():
         layer = config["layers"][name]
         bias = tensors.get(f"{name}.bias")
-        signs = ({"signs_in": tensors[f"{name}.signs_in"], "signs_out": tensors[f"{name}.signs_out"]}
+        extra = ({"signs_in": tensors[f"{name}.signs_in"], "signs_out": tensors[f"{name}.signs_out"]}
                  if layer["incoherence"] else {})
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(weight, bias, **signs))
+        if layer.get("input_perm"):
+            extra["input_perm"] = tensors[f"{name}.input_perm"]
+        set_submodule(model, name, QuantLinear(weight, bias, **extra))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     missing = [k for k in missing if not _is_tied(model, k)]
     if missing or unexpected:
@@ -125,6 +126,12 @@ def load_quantized(path: Union[str, pathlib.Path], device: Union[str, torch.devi
         model.tie_weights()
     model.lowbit_quantization = config.get("quantization", {})
     return model.to(device).eval()
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replaces the submodule at dotted path `name` of `model` by `module`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def _is_tied(model: nn.Module, key: str) -> bool:

@@ -216,7 +216,10 @@ def bundled_gguf() -> pathlib.Path:
 
 
 def load_gguf(path: Union[str, pathlib.Path, None] = None, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a GGUF file (dequantized by transformers), offline; default: bundled SmolLM2."""
+    """(model, tokenizer) from a GGUF file (dequantized by transformers), offline; default: bundled SmolLM2.
+
+    The weights are dequantized to `dtype` on load, so the model returned is an ordinary one: transformers' GGUF
+    marker is dropped, and ``save_pretrained`` writes a plain checkpoint."""
     import transformers
     path = pathlib.Path(path) if path is not None else bundled_gguf()
     if path.is_dir():
@@ -229,6 +232,9 @@ def load_gguf(path: Union[str, pathlib.Path, None] = None, dtype: torch.dtype = 
     kwargs = dict(gguf_file=path.name, local_files_only=True)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=dtype, **kwargs)
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.eval()
     return model, tokenizer
 

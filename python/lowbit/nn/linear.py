@@ -23,15 +23,19 @@ class QuantLinear(nn.Module):
     uniform matrix run by the kernel of its width on the matching columns of x. ``vq`` weights run through
     :func:`lowbit.ops.vq_gemm` straight from their codes and codebooks. With incoherence signs, x is rotated by
     H_K diag(s_in) first and the output by diag(s_out) H_N^T after (the QuIP transform the quantizer applied to W).
+    With an input permutation p the stored weight's column j is the layer's column p[j], so x is gathered to
+    x[..., p] first (how act-order GPTQ checkpoints, whose groups are not contiguous along K, run here).
 
     Args:
         weight: the quantized weight [out_features, in_features].
         bias: optional bias [out_features].
         signs_in / signs_out: +-1 vectors [in_features] / [out_features] when the weight is incoherence-processed.
+        input_perm: a permutation of range(in_features) (int64 [in_features]) when the stored columns are permuted.
     """
 
     def __init__(self, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
-                 signs_in: Optional[torch.Tensor] = None, signs_out: Optional[torch.Tensor] = None):
+                 signs_in: Optional[torch.Tensor] = None, signs_out: Optional[torch.Tensor] = None,
+                 input_perm: Optional[torch.Tensor] = None):
         super().__init__()
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
@@ -48,6 +52,12 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, None if s is None else s.to(torch.float32))
         if (signs_in is None) != (signs_out is None):
             raise ValueError("signs_in and signs_out must be given together (QuIP incoherence) or not at all")
+        if input_perm is not None:
+            _check_permutation(input_perm, self.in_features)
+            if signs_in is not None:
+                raise ValueError("input_perm and incoherence signs cannot be combined")
+            input_perm = input_perm.to(device=weight.device, dtype=torch.int64)
+        self.register_buffer("input_perm", input_perm)
         self._parts = self._gemm_parts(weight)
 
     @classmethod
@@ -105,6 +115,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {list(x.shape)}")
+        if self.input_perm is not None:
+            x = x.index_select(-1, self.input_perm)
         if self.signs_in is not None:
             x = randomized_hadamard_transform(x, self.signs_in)
         y = None
@@ -124,13 +136,26 @@ class QuantLinear(nn.Module):
             # y = s_out * H_N^T (W~ (H_K (s_in * x)))  =>  W = diag(s_out) H_N^T W~ H_K diag(s_in)
             w = randomized_hadamard_transform(w.t().contiguous(), self.signs_out, inverse=True).t()
             w = randomized_hadamard_transform(w.contiguous(), self.signs_in, inverse=True)
+        if self.input_perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.input_perm, w)
         return w
 
     def extra_repr(self) -> str:
         w = self.weight
         incoherent = ", incoherence=hadamard" if self.signs_in is not None else ""
+        permuted = ", input_perm=True" if self.input_perm is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-                f"{w.layout()}, bias={self.bias is not None}{incoherent}")
+                f"{w.layout()}, bias={self.bias is not None}{incoherent}{permuted}")
+
+
+def _check_permutation(perm: torch.Tensor, n: int) -> None:
+    """Raises unless perm is an integer tensor [n] holding each of 0..n-1 once."""
+    if not isinstance(perm, torch.Tensor) or perm.dtype.is_floating_point or perm.dtype == torch.bool:
+        raise TypeError(f"input_perm must be an integer tensor, got {getattr(perm, 'dtype', type(perm).__name__)}")
+    if tuple(perm.shape) != (n,):
+        raise ValueError(f"input_perm must have shape [{n}], got {list(perm.shape)}")
+    if not torch.equal(torch.sort(perm.to(torch.int64).cpu()).values, torch.arange(n)):
+        raise ValueError(f"input_perm must be a permutation of 0..{n - 1}")
 
 
 def _uniform_gemm(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,

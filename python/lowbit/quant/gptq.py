@@ -36,17 +36,18 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 class _Grid:
-    """Per-group quantization grid: affine with integer zero, or scale * table (nearest entry)."""
+    """Per-group quantization grid: affine (zero real-valued, or an integer with ``integer_zero``), or
+    scale * table (nearest entry)."""
 
-    def __init__(self, kind: str, symmetric: bool, mse: bool):
-        self.kind, self.symmetric, self.mse = kind, symmetric, mse
+    def __init__(self, kind: str, symmetric: bool, mse: bool, integer_zero: bool = False):
+        self.kind, self.symmetric, self.mse, self.integer_zero = kind, symmetric, mse, integer_zero
 
     def params(self, w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(scale fp16, zero fp16 or None) [N, 1] for the columns w [N, len] (len may be < group_size)."""
         if self.kind == "lut":
             scale = w.abs().amax(dim=1, keepdim=True).to(torch.float32)
             return torch.where(scale > 0, scale, torch.ones_like(scale)).to(torch.float16), None
-        return affine_params(w, bits, group_size, self.symmetric, self.mse)
+        return affine_params(w, bits, group_size, self.symmetric, self.mse, self.integer_zero)
 
     def round(self, w: torch.Tensor, bits: int, scale: torch.Tensor, zero: Optional[torch.Tensor]):
         """(codes, dequantized values) of one column w [N] with its group's scale and zero [N]."""
@@ -62,14 +63,15 @@ class _Grid:
 
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, group_bits: list[int], group_size: int,
                grid: str = "uniform", symmetric: bool = False, damp: float = 0.01, block_size: int = 128,
-               act_order: bool = False, mse: bool = False) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+               act_order: bool = False, mse: bool = False, integer_zero: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """The GPTQ loop: (codes uint8 [N, K], scales fp16 [N, G], zeros fp16 [N, G] or None), group g at
     group_bits[g] bits. Arguments as for :func:`gptq_quantize`; inputs are assumed validated."""
     n, k = weight.shape
     device = weight.device
     w = weight.detach().to(torch.float64).clone()
     h = hessian.to(device=device, dtype=torch.float64)
-    g = _Grid(grid, symmetric, mse)
+    g = _Grid(grid, symmetric, mse, integer_zero)
     groups = len(group_bits)
     scales = torch.empty(n, groups, dtype=torch.float16, device=device)
     zeros = torch.empty(n, groups, dtype=torch.float16, device=device) if grid == "uniform" else None
@@ -122,20 +124,22 @@ def check_gptq_args(weight: torch.Tensor, hessian: torch.Tensor, group_size: int
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group_size: int = 128,
                   grid: str = "uniform", symmetric: bool = False, damp: float = 0.01, block_size: int = 128,
-                  act_order: bool = False, mse: bool = False) -> QuantizedWeight:
+                  act_order: bool = False, mse: bool = False, integer_zero: bool = False) -> QuantizedWeight:
     """Quantizes weight [N, K] with GPTQ given the layer Hessian [K, K] (e.g. from HessianAccumulator).
 
     Args:
         weight: float tensor [out_features, in_features].
         hessian: 2/n X^T X of the layer's inputs, [in_features, in_features].
         bits: 2, 3 or 4. group_size: 32, 64 or 128 (K need not be a multiple).
-        grid: "uniform" (affine, integer zero per group) or "lut" (normal-float table times group absmax).
+        grid: "uniform" (affine, a zero per group) or "lut" (normal-float table times group absmax).
         symmetric: affine grid with zero fixed at 2^(bits-1).
         damp: dampening, a fraction of the mean Hessian diagonal added to the diagonal.
         block_size: columns per lazy-update block (a multiple of group_size).
         act_order: process columns by decreasing Hessian diagonal. Groups stay static (computed from the
             unquantized weight in original column order), so the stored weight needs no permutation at run time.
         mse: choose each group's affine range by a clipping search (rtn.affine_params) instead of min/max.
+        integer_zero: round each asymmetric zero to an integer, as the GPTQ checkpoint format stores them
+            (needed to export with :func:`lowbit.gptq_checkpoint.save_gptq`); by default zeros are real-valued.
 
     Returns:
         A ``uniform`` (or ``lut``) QuantizedWeight on weight's device.
@@ -145,7 +149,7 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, gr
     device = weight.device
     groups = math.ceil(weight.shape[1] / group_size)
     codes, scales, zeros = gptq_codes(weight, hessian, [bits] * groups, group_size, grid, symmetric, damp,
-                                      block_size, act_order, mse)
+                                      block_size, act_order, mse, integer_zero)
     if grid == "lut":
         return QuantizedWeight.lut(codes.cpu(), scales.cpu(), nf_table(bits), bits, group_size).to(device)
     return QuantizedWeight.uniform(codes.cpu(), scales.cpu(), zeros.cpu(), bits, group_size).to(device)
