@@ -112,3 +112,39 @@ def test_input_permutation_is_checked():
     signs = torch.ones(64), torch.ones(32)
     with pytest.raises(ValueError, match="cannot be combined"):
         QuantLinear(q.weight, signs_in=signs[0], signs_out=signs[1], input_perm=torch.arange(64))
+
+
+def test_eager_calls_skip_the_dispatcher_but_tracing_does_not():
+    """QuantLinear's kernels run their implementation directly on plain tensors and the registered custom op on
+    meta / fake tensors (what torch.compile and export trace with)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from lowbit.ops._native import eager_fast_path
+    calls = []
+    fast = eager_fast_path(lambda x: calls.append("op") or x, lambda x: calls.append("impl") or x)
+    fast(torch.ones(2))
+    fast(torch.ones(2, device="meta"))
+    with FakeTensorMode() as mode:
+        fast(mode.from_tensor(torch.ones(2)))
+    assert calls == ["impl", "op", "op"]
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", 4), ("quip", 2), ("vq", 2)])
+def test_forward_checks_x(method, bits):
+    q = quantize_linear(nn.Linear(64, 32), method, bits, 32, hessian=hessian(64),
+                        **(dict(iters=2, entries=256) if method == "vq" else {}))
+    with pytest.raises(TypeError, match="x must have dtype float32, float16 or bfloat16, got torch.int64"):
+        q(torch.ones(2, 64, dtype=torch.int64))
+    with pytest.raises(ValueError, match="x must have last dimension 64"):
+        q(torch.ones(2, 63))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        q([[1.0] * 64])
+    assert q(torch.ones(3, 5, 64)).shape == (3, 5, 32) and q(torch.ones(0, 64)).shape == (0, 32)
+
+
+def test_incoherence_signs_are_checked_once():
+    q = quantize_linear(nn.Linear(64, 32), "rtn", 4, 32)
+    with pytest.raises(ValueError, match="signs_in must contain only"):
+        QuantLinear(q.weight, signs_in=torch.full((64,), 0.5), signs_out=torch.ones(32))
+    with pytest.raises(ValueError, match=r"signs_out must have shape \[32\]"):
+        QuantLinear(q.weight, signs_in=torch.ones(64), signs_out=torch.ones(31))

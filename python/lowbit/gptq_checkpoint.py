@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import GROUP_SIZES, QuantizedWeight
-from lowbit.io import CheckpointError, set_submodule
+from lowbit.io import CheckpointError, build_uninitialized, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.ops.pack import pack_uniform, unpack
 
@@ -239,8 +239,7 @@ def load_gptq(path: Union[str, pathlib.Path], dtype: torch.dtype = torch.float32
             layers[name] = gptq_to_quantized(*parts, bits=bits, checkpoint_format=checkpoint_format)
         except (KeyError, ValueError, TypeError) as e:
             raise CheckpointError(f"layer {name}: {e}") from None
-    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**model_config))
-    model = model.to(dtype)
+    model = build_uninitialized(transformers.AutoConfig.for_model(**model_config)).to(dtype)
     model.config.dtype = dtype
     for name, (weight, perm) in layers.items():
         linear = model.get_submodule(name)

@@ -107,8 +107,7 @@ def load_quantized(path: Union[str, pathlib.Path], device: Union[str, torch.devi
             weights[name] = QuantizedWeight(layer["format"], parts, layer["config"])
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"layer {name}: {e}") from None
-    model_config = transformers.AutoConfig.for_model(**config["source_model"])
-    model = transformers.AutoModelForCausalLM.from_config(model_config)
+    model = build_uninitialized(transformers.AutoConfig.for_model(**config["source_model"]))
     for name, weight in weights.items():
         layer = config["layers"][name]
         bias = tensors.get(f"{name}.bias")
@@ -126,6 +125,19 @@ def load_quantized(path: Union[str, pathlib.Path], device: Union[str, torch.devi
         model.tie_weights()
     model.lowbit_quantization = config.get("quantization", {})
     return model.to(device).eval()
+
+
+def build_uninitialized(model_config: Any) -> nn.Module:
+    """The causal LM of a transformers config with its weights allocated but not initialized: the pages of weights
+    that the checkpoint replaces (every quantized linear's dense weight) are never touched, so loading a
+    quantized model peaks near its own size, not at the dense model's. Every weight must then be loaded."""
+    import transformers
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return transformers.AutoModelForCausalLM.from_config(model_config)
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

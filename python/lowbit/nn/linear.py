@@ -9,7 +9,13 @@ import torch
 from torch import nn
 
 from lowbit.formats import TENSOR_NAMES, QuantizedWeight
-from lowbit.ops import async_dequant_gemm, lut_gemm, prepare_async_dequant, randomized_hadamard_transform, vq_gemm
+from lowbit.ops import hadamard_supported, prepare_async_dequant, randomized_hadamard_transform
+from lowbit.ops.async_dequant import async_dequant_gemm_unchecked
+from lowbit.ops.hadamard import hadamard_unchecked
+from lowbit.ops.lut_gemm import lut_gemm_unchecked
+from lowbit.ops.vq_gemm import vq_gemm_unchecked
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class QuantLinear(nn.Module):
@@ -23,6 +29,8 @@ class QuantLinear(nn.Module):
     uniform matrix run by the kernel of its width on the matching columns of x. ``vq`` weights run through
     :func:`lowbit.ops.vq_gemm` straight from their codes and codebooks. With incoherence signs, x is rotated by
     H_K diag(s_in) first and the output by diag(s_out) H_N^T after (the QuIP transform the quantizer applied to W).
+    The weight's operands (and signs) are checked and laid out once, at construction; forward checks only x and
+    calls the kernels directly, which is what a decode step of a small model spends its time on otherwise.
     With an input permutation p the stored weight's column j is the layer's column p[j], so x is gathered to
     x[..., p] first (how act-order GPTQ checkpoints, whose groups are not contiguous along K, run here).
 
@@ -47,9 +55,9 @@ class QuantLinear(nn.Module):
             raise ValueError(f"bias must have shape [{self.out_features}], got {list(bias.shape)}")
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
         for name, s, n in (("signs_in", signs_in, self.in_features), ("signs_out", signs_out, self.out_features)):
-            if s is not None and tuple(s.shape) != (n,):
-                raise ValueError(f"{name} must have shape [{n}], got {list(s.shape)}")
-            self.register_buffer(name, None if s is None else s.to(torch.float32))
+            if s is not None:
+                _check_signs(name, s, n)
+            self.register_buffer(name, None if s is None else s.to(device=weight.device, dtype=torch.float32))
         if (signs_in is None) != (signs_out is None):
             raise ValueError("signs_in and signs_out must be given together (QuIP incoherence) or not at all")
         if input_perm is not None:
@@ -74,14 +82,14 @@ class QuantLinear(nn.Module):
         """The QuantizedWeight held (built from the module's buffers)."""
         return QuantizedWeight(self.format, {n: getattr(self, n) for n in TENSOR_NAMES[self.format]}, self.config)
 
-    def _gemm_parts(self, w: QuantizedWeight) -> list[tuple[Optional[torch.Tensor], Callable, dict[str, Any]]]:
-        """(column index or None, GEMM, its weight arguments) per fused GEMM the forward runs."""
-        t, gs = w.tensors, w.group_size
+    def _gemm_parts(self, w: QuantizedWeight) -> list[tuple[Optional[torch.Tensor], Callable, tuple[Any, ...]]]:
+        """(column index or None, GEMM taking (x [M, K'], *arguments), its weight arguments) per fused GEMM the
+        forward runs; the arguments are contiguous and checked (by QuantizedWeight) once, here."""
+        t, gs = {name: v.contiguous() for name, v in w.tensors.items()}, w.group_size
         if w.format == "vq":
-            return [(None, vq_gemm, dict(codes=t["codes"], codebooks=t["codebooks"], scales=t["scales"]))]
+            return [(None, vq_gemm_unchecked, (t["codes"], t["codebooks"], t["scales"], "auto"))]
         if w.format == "lut":
-            return [(None, lut_gemm, dict(packed=t["packed"], scales=t["scales"], table=t["table"],
-                                          bits=w.config["bits"], group_size=gs))]
+            return [(None, lut_gemm_unchecked, (t["packed"], t["scales"], None, t["table"], w.config["bits"], gs))]
         if w.format == "uniform":
             return [(None, *_uniform_gemm(t["packed"], t["scales"], t["zeros"], w.config["bits"], gs,
                                           w.in_features))]
@@ -101,7 +109,7 @@ class QuantLinear(nn.Module):
     @property
     def int8_activations(self) -> bool:
         """True when forward rounds x to int8 per group (some part of the weight runs the 2-bit async kernel)."""
-        return any(gemm is async_dequant_gemm for _, gemm, _ in self._parts)
+        return any(gemm is async_dequant_gemm_unchecked for _, gemm, _ in self._parts)
 
     def _apply(self, fn: Callable, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -113,21 +121,31 @@ class QuantLinear(nn.Module):
         self._parts = self._gemm_parts(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"x must have dtype float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"x must have last dimension {self.in_features}, got shape {list(x.shape)}")
+        device = self._parts[0][2][0].device
+        if x.device != device:
+            raise ValueError(f"x is on {x.device}, but the layer's weight is on {device}")
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
         if self.input_perm is not None:
-            x = x.index_select(-1, self.input_perm)
+            x = x.index_select(1, self.input_perm)
+        x = x.contiguous()
         if self.signs_in is not None:
-            x = randomized_hadamard_transform(x, self.signs_in)
+            x = hadamard_unchecked(x, self.signs_in, self.in_features ** -0.5, False)
         y = None
         for cols, gemm, args in self._parts:
-            part = gemm(x if cols is None else x.index_select(-1, cols), **args)
+            part = gemm(x if cols is None else x.index_select(1, cols), *args)
             y = part if y is None else y + part
         if self.signs_out is not None:
-            y = randomized_hadamard_transform(y, self.signs_out, inverse=True)
+            y = hadamard_unchecked(y, self.signs_out, self.out_features ** -0.5, True)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y
+        return y.reshape(*lead, self.out_features)
 
     def dequantize(self) -> torch.Tensor:
         """The dense float32 weight [out_features, in_features] this layer applies (incoherence undone)."""
@@ -159,14 +177,26 @@ def _check_permutation(perm: torch.Tensor, n: int) -> None:
 
 
 def _uniform_gemm(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                  k: int) -> tuple[Callable, dict[str, Any]]:
+                  k: int) -> tuple[Callable, tuple[Any, ...]]:
     """The fused GEMM of a uniform weight and its arguments: the async-dequant kernel over the aligned layout at
     2 bits, the LUT kernel with the identity table otherwise."""
+    scales, zeros = scales.contiguous(), zeros.contiguous()
     if bits == 2:
-        return async_dequant_gemm, dict(packed=prepare_async_dequant(packed, k), scales=scales, zeros=zeros,
-                                        group_size=group_size)
+        return async_dequant_gemm_unchecked, (prepare_async_dequant(packed, k), scales, zeros, bits, group_size)
     table = torch.arange(2**bits, dtype=torch.float32, device=packed.device)
-    return lut_gemm, dict(packed=packed, scales=scales, zeros=zeros, table=table, bits=bits, group_size=group_size)
+    return lut_gemm_unchecked, (packed.contiguous(), scales, zeros, table, bits, group_size)
+
+
+def _check_signs(name: str, signs: torch.Tensor, n: int) -> None:
+    """Raises unless signs is a tensor [n] of +-1 and n a size the Hadamard kernel supports."""
+    if not isinstance(signs, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(signs).__name__}")
+    if tuple(signs.shape) != (n,):
+        raise ValueError(f"{name} must have shape [{n}], got {list(signs.shape)}")
+    if not bool((signs.abs() == 1).all()):
+        raise ValueError(f"{name} must contain only +1 and -1")
+    if not hadamard_supported(n):
+        randomized_hadamard_transform(torch.zeros(1, n), signs.float().cpu())  # raises naming the nearest sizes
 
 
 def replace_linear(model: nn.Module, quantize_fn: Callable[[str, nn.Linear], Optional[QuantLinear]],

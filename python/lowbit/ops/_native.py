@@ -1,7 +1,7 @@
 """The bridge to the native module lowbit._C: DLPack capsules, CUDA streams, numpy in/out."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -12,7 +12,9 @@ from lowbit import _C
 
 def capsule(t: Optional[torch.Tensor]):
     """A DLPack capsule viewing `t` (None stays None); `t` must outlive the native call."""
-    return None if t is None else to_dlpack(t.detach())
+    if t is None:
+        return None
+    return to_dlpack(t.detach() if t.requires_grad else t)
 
 
 def stream_of(t: torch.Tensor) -> int:
@@ -23,6 +25,18 @@ def stream_of(t: torch.Tensor) -> int:
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def eager_fast_path(op: Callable[..., Any], impl: Callable[..., Any]) -> Callable[..., Any]:
+    """A callable running the custom op `op` while torch traces (torch.compile, export, fake or meta tensors) and
+    its implementation `impl` directly otherwise. The dispatcher costs several microseconds a call and a decode
+    step of a small model calls lowbit's kernels hundreds of times, so eager calls skip it; both run `impl`."""
+    def call(*args):
+        x = args[0]
+        if not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.device.type != "meta":
+            return impl(*args)
+        return op(*args)
+    return call
 
 
 def check_activations(x) -> torch.Tensor:
@@ -59,4 +73,5 @@ def as_tensor(value, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
-__all__ = ["_C", "capsule", "stream_of", "with_numpy", "to_numpy", "as_tensor", "check_activations"]
+__all__ = ["_C", "capsule", "stream_of", "with_numpy", "to_numpy", "as_tensor", "check_activations",
+           "eager_fast_path"]

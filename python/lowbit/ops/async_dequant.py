@@ -20,7 +20,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, check_activations, stream_of, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
 from lowbit.ops.pack import unpack
 
 Array = Union[torch.Tensor, np.ndarray]
@@ -74,13 +74,16 @@ def prepare_async_dequant(packed: Array, k: int, bits: int = 2) -> torch.Tensor:
     return aligned_from_codes(as_tensor(unpack(packed, _check_bits(bits), k), "codes"), bits)
 
 
-@torch.library.custom_op("lowbit::quantize_activations", mutates_args=())
-def _quantize_activations_op(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_activations_impl(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     xq = torch.empty(m, -(-k // _XQ_PAD) * _XQ_PAD, dtype=torch.int8, device=x.device)
     d = torch.empty(m, -(-k // group_size), dtype=torch.float32, device=x.device)
     _C.quantize_activations(capsule(x), capsule(xq), capsule(d), group_size, stream_of(x))
     return xq, d
+
+
+_quantize_activations_op = torch.library.custom_op("lowbit::quantize_activations",
+                                                   mutates_args=())(_quantize_activations_impl)
 
 
 @_quantize_activations_op.register_fake
@@ -90,14 +93,20 @@ def _(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
             x.new_empty(m, -(-k // group_size), dtype=torch.float32))
 
 
-@torch.library.custom_op("lowbit::async_dequant_gemm", mutates_args=())
-def _async_dequant_gemm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                           bits: int, group_size: int) -> torch.Tensor:
-    xq, d = _quantize_activations_op(x, group_size)
+def _async_dequant_gemm_impl(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                             bits: int, group_size: int) -> torch.Tensor:
+    xq, d = _quantize_activations_impl(x, group_size)
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
     _C.async_dequant_gemm(capsule(xq), capsule(d), capsule(packed), capsule(scales), capsule(zeros), capsule(out),
                           x.shape[1], bits, group_size, stream_of(x))
     return out
+
+
+_async_dequant_gemm_op = torch.library.custom_op("lowbit::async_dequant_gemm",
+                                                 mutates_args=())(_async_dequant_gemm_impl)
+#: The GEMM for operands already checked (QuantLinear checks its weight once): x contiguous [M, K], the rest
+#: contiguous, of the shapes and dtypes :func:`async_dequant_gemm` requires, on x's device.
+async_dequant_gemm_unchecked = eager_fast_path(_async_dequant_gemm_op, _async_dequant_gemm_impl)
 
 
 @_async_dequant_gemm_op.register_fake
@@ -157,8 +166,8 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, gro
             params.append(v.contiguous())
         if p.device != t.device:
             raise ValueError(f"packed must be on the device of x ({t.device}), got {p.device}")
-        y = _async_dequant_gemm_op(t.reshape(-1, k).contiguous(), p.contiguous().view(torch.int32), *params,
-                                   bits, group_size)
+        y = async_dequant_gemm_unchecked(t.reshape(-1, k).contiguous(), p.contiguous().view(torch.int32), *params,
+                                         bits, group_size)
         return y.reshape(*t.shape[:-1], p.shape[0])
 
     return with_numpy(run, x)

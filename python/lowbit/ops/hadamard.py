@@ -7,7 +7,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, stream_of, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, eager_fast_path, stream_of, with_numpy
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -22,12 +22,17 @@ def hadamard_supported(n: int) -> bool:
     return _C.hadamard_factor(int(n)) is not None
 
 
-@torch.library.custom_op("lowbit::hadamard_transform", mutates_args=())
-def _hadamard_op(x: torch.Tensor, signs: Optional[torch.Tensor], scale: float, inverse: bool) -> torch.Tensor:
+def _hadamard_impl(x: torch.Tensor, signs: Optional[torch.Tensor], scale: float, inverse: bool) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
     _C.hadamard_transform(capsule(x), capsule(out), capsule(signs), scale, inverse, stream_of(x))
     return out
+
+
+_hadamard_op = torch.library.custom_op("lowbit::hadamard_transform", mutates_args=())(_hadamard_impl)
+#: The transform for arguments already checked: x a float tensor [..., n] of a supported n, signs None or float32
+#: [n] of +-1 on x's device (QuantLinear checks its signs once, at construction).
+hadamard_unchecked = eager_fast_path(_hadamard_op, _hadamard_impl)
 
 
 @_hadamard_op.register_fake
@@ -79,7 +84,7 @@ def hadamard_transform(x: Array, scale: Optional[float] = None) -> Array:
     def run(t: torch.Tensor) -> torch.Tensor:
         t = _check(t)
         s = 1.0 / math.sqrt(t.shape[-1]) if scale is None else float(scale)
-        return _hadamard_op(t, None, s, False)
+        return hadamard_unchecked(t, None, s, False)
 
     return with_numpy(run, x)
 
@@ -101,7 +106,7 @@ def randomized_hadamard_transform(x: Array, signs: Array, inverse: bool = False,
         t = _check(t)
         s = _check_signs(signs, t)
         sc = 1.0 / math.sqrt(t.shape[-1]) if scale is None else float(scale)
-        return _hadamard_op(t, s, sc, bool(inverse))
+        return hadamard_unchecked(t, s, sc, bool(inverse))
 
     return with_numpy(run, x)
 

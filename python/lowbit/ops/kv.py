@@ -22,7 +22,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, stream_of, to_numpy, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, eager_fast_path, stream_of, to_numpy, with_numpy
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -188,11 +188,10 @@ def _dequantize_values_fake(codes, scale, zero, bits, head_dim, dtype):
     return scale.new_empty((b, h, t, head_dim), dtype=dtype)
 
 
-@torch.library.custom_op("lowbit::kv_attention_decode", mutates_args=())
-def _attention_op(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
-                  v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, k_res: torch.Tensor,
-                  v_res: torch.Tensor, lengths_q: torch.Tensor, lengths_res: torch.Tensor, bits: int,
-                  group_size: int, softmax_scale: float) -> torch.Tensor:
+def _attention_impl(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor, k_zero: torch.Tensor,
+                    v_codes: torch.Tensor, v_scale: torch.Tensor, v_zero: torch.Tensor, k_res: torch.Tensor,
+                    v_res: torch.Tensor, lengths_q: torch.Tensor, lengths_res: torch.Tensor, bits: int,
+                    group_size: int, softmax_scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
     workspace = None
     if q.device.type == "cuda":
@@ -205,6 +204,10 @@ def _attention_op(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tensor,
                            capsule(lengths_res), capsule(out), capsule(workspace), bits, group_size, softmax_scale,
                            stream_of(q))
     return out
+
+
+_attention_op = torch.library.custom_op("lowbit::kv_attention_decode", mutates_args=())(_attention_impl)
+_attention_call = eager_fast_path(_attention_op, _attention_impl)  # one call per layer and decode step
 
 
 @_attention_op.register_fake
@@ -363,7 +366,7 @@ def quantized_attention_decode(q: Array, k_codes: Array, k_scale: Array, k_zero:
         lq = _check_lengths(lengths_q, "lengths_q", b, dev)
         lr = _check_lengths(lengths_res, "lengths_res", b, dev)
         scale = 1.0 / math.sqrt(d) if softmax_scale is None else float(softmax_scale)
-        return _attention_op(qt, kc, ks, kz, vc, vs, vz, kr, vr, lq, lr, bits, group_size, scale)
+        return _attention_call(qt, kc, ks, kz, vc, vs, vz, kr, vr, lq, lr, bits, group_size, scale)
 
     return with_numpy(run, q)
 

@@ -15,7 +15,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, check_activations, stream_of, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -25,13 +25,18 @@ LUT_GEMM_GROUP_SIZES: tuple[int, ...] = (32, 64, 128)
 _CODE_DTYPES = (torch.int32, torch.uint32)
 
 
-@torch.library.custom_op("lowbit::lut_gemm", mutates_args=())
-def _lut_gemm_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                 table: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def _lut_gemm_impl(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                   table: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
     _C.lut_gemm(capsule(x), capsule(packed), capsule(scales), capsule(zeros), capsule(table), capsule(out), bits,
                 group_size, stream_of(x))
     return out
+
+
+_lut_gemm_op = torch.library.custom_op("lowbit::lut_gemm", mutates_args=())(_lut_gemm_impl)
+#: The GEMM for operands already checked (QuantLinear checks its weight once): x contiguous [M, K], the rest
+#: contiguous, of the shapes and dtypes :func:`lut_gemm` requires, on x's device.
+lut_gemm_unchecked = eager_fast_path(_lut_gemm_op, _lut_gemm_impl)
 
 
 @_lut_gemm_op.register_fake
@@ -91,7 +96,7 @@ def lut_gemm(x: Array, packed: Array, scales: Array, table: Array, bits: int, gr
         s = _check_param("scales", scales, (torch.float16,), group_shape, t.device)
         z = None if zeros is None else _check_param("zeros", zeros, (torch.float16,), group_shape, t.device)
         tab = _check_param("table", table, (torch.float32,), [1 << bits], t.device)
-        y = _lut_gemm_op(t.reshape(-1, k).contiguous(), p, s, z, tab, bits, group_size)
+        y = lut_gemm_unchecked(t.reshape(-1, k).contiguous(), p, s, z, tab, bits, group_size)
         return y.reshape(*t.shape[:-1], n)
 
     return with_numpy(run, x)

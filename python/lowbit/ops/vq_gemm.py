@@ -19,7 +19,7 @@ from typing import Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, check_activations, stream_of, with_numpy
+from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -33,13 +33,18 @@ _UINT16 = getattr(torch, "uint16", None)
 _CODE_DTYPES = (torch.int16,) if _UINT16 is None else (torch.int16, _UINT16)
 
 
-@torch.library.custom_op("lowbit::vq_gemm", mutates_args=())
-def _vq_gemm_op(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
-                strategy: str) -> torch.Tensor:
+def _vq_gemm_impl(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
+                  strategy: str) -> torch.Tensor:
     out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype, device=x.device)
     _C.vq_gemm(capsule(x), capsule(codes), capsule(codebooks), capsule(scales), capsule(out), strategy,
                stream_of(x))
     return out
+
+
+_vq_gemm_op = torch.library.custom_op("lowbit::vq_gemm", mutates_args=())(_vq_gemm_impl)
+#: The GEMM for operands already checked (QuantLinear checks its weight once): x contiguous [M, K], the rest
+#: contiguous, of the shapes and dtypes :func:`vq_gemm` requires, on x's device.
+vq_gemm_unchecked = eager_fast_path(_vq_gemm_op, _vq_gemm_impl)
 
 
 @_vq_gemm_op.register_fake
@@ -129,7 +134,7 @@ def vq_gemm(x: Array, codes: Array, codebooks: Array, scales: Array, strategy: s
             raise ValueError(f"x must have K (its last dimension) a positive multiple of {VQ_VECTOR_LENGTH}, "
                              f"got K = {k}")
         c, cb, s = _check_format(codes, codebooks, scales, t.device, k)
-        y = _vq_gemm_op(t.reshape(-1, k).contiguous(), c, cb, s, strategy)
+        y = vq_gemm_unchecked(t.reshape(-1, k).contiguous(), c, cb, s, strategy)
         return y.reshape(*t.shape[:-1], c.shape[0])
 
     return with_numpy(run, x)
