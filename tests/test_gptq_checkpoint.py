@@ -210,7 +210,10 @@ def test_imported_model_matches_a_dense_model_with_the_formula_weights(tmp_path)
         reference.get_submodule(name).weight.data = w
     reference.tie_weights()
     ids = calibration(2, 16, seed=4)
-    torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=1e-3, atol=1e-3)
+    expected = reference(ids).logits  # 4-bit layers round x to int8 per group (QuantLinear's async kernel)
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=2e-3, atol=3e-2 * float(expected.abs().max()))
+    for name in dense:
+        assert torch.equal(loaded.get_submodule(name).dequantize(), dense[name])
     again = load_quantized(save_quantized(loaded, tmp_path / "lowbit"))  # the permutation survives lowbit's format
     assert all(m.input_perm is not None for m in again.modules() if isinstance(m, QuantLinear))
     torch.testing.assert_close(again(ids).logits, loaded(ids).logits, rtol=0, atol=0)

@@ -26,7 +26,7 @@ def test_forward_matches_dequantized(method, bits, m, dtype):
     ref = x.double() @ q.dequantize().double().T + lin.bias.double()
     y = q(x.to(dtype))
     assert y.dtype == dtype and y.shape == (m, 96)
-    assert q.int8_activations == (method in ("rtn", "quip", "mixed") and bits <= 2.5)
+    assert q.int8_activations == (method in ("rtn", "gptq", "quip", "mixed") and bits != 3)
     # int8 activations (the 2-bit async kernel) round x per group: ~0.5% relative error per output
     tol = 3e-2 if q.int8_activations or dtype != torch.float32 else 1e-4
     err = (y.double() - ref).abs().max() / ref.abs().max()
@@ -148,3 +148,19 @@ def test_incoherence_signs_are_checked_once():
         QuantLinear(q.weight, signs_in=torch.full((64,), 0.5), signs_out=torch.ones(32))
     with pytest.raises(ValueError, match=r"signs_out must have shape \[32\]"):
         QuantLinear(q.weight, signs_in=torch.ones(64), signs_out=torch.ones(31))
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", 4), ("rtn", 2), ("mixed", 3)])
+def test_float_activations_run_the_lut_kernel_on_unrounded_x(method, bits):
+    lin = nn.Linear(192, 64, bias=True)
+    q = quantize_linear(lin, method, bits, 64, hessian=hessian(192))
+    exact = QuantLinear(q.weight, lin.bias.detach(), float_activations=True)
+    assert q.int8_activations and not exact.int8_activations
+    x = torch.randn(7, 192)
+    with torch.no_grad():
+        ref = x.double() @ q.dequantize().double().T + lin.bias.double()
+        err_exact = float((exact(x).double() - ref).abs().max() / ref.abs().max())
+        err_int8 = float((q(x).double() - ref).abs().max() / ref.abs().max())
+    assert err_exact < 1e-5 and 1e-5 < err_int8 < 3e-2
+    with pytest.raises(TypeError, match="float_activations must be a bool"):
+        QuantLinear(q.weight, float_activations=1)

@@ -10,7 +10,7 @@ from torch import nn
 
 from lowbit.formats import TENSOR_NAMES, QuantizedWeight
 from lowbit.ops import hadamard_supported, prepare_async_dequant, randomized_hadamard_transform
-from lowbit.ops.async_dequant import async_dequant_gemm_unchecked
+from lowbit.ops.async_dequant import ASYNC_DEQUANT_BITS, async_dequant_gemm_unchecked
 from lowbit.ops.hadamard import hadamard_unchecked
 from lowbit.ops.lut_gemm import lut_gemm_unchecked
 from lowbit.ops.vq_gemm import vq_gemm_unchecked
@@ -22,11 +22,12 @@ class QuantLinear(nn.Module):
     """y = x W^T + b with W given by a QuantizedWeight; never materializes the dense weight in forward.
 
     ``uniform`` and ``lut`` weights run through :func:`lowbit.ops.lut_gemm` (an affine weight is the identity
-    table with per-group zeros), except 2-bit ``uniform`` ones: they are re-laid once into the aligned layout and
-    run through :func:`lowbit.ops.async_dequant_gemm` (activations rounded to int8 per group, about 0.5-1%
-    relative error on the output, for a GEMV several times faster). ``mixed`` weights are split once, at
-    construction, into their 4-bit and 2-bit groups (groups sorted by width, order kept inside each width), each a
-    uniform matrix run by the kernel of its width on the matching columns of x. ``vq`` weights run through
+    table with per-group zeros), except 2- and 4-bit ``uniform`` ones: they are re-laid once into the aligned
+    layout and run through :func:`lowbit.ops.async_dequant_gemm` (activations rounded to int8 per group, about
+    0.5-1% relative error on the output, for a GEMV 2-3x faster than the LUT kernel; ``float_activations=True``
+    keeps the LUT kernel and unrounded activations). ``mixed`` weights are split once, at construction, into
+    their 4-bit and 2-bit groups (groups sorted by width, order kept inside each width), each a uniform matrix run
+    by the kernel of its width on the matching columns of x. ``vq`` weights run through
     :func:`lowbit.ops.vq_gemm` straight from their codes and codebooks. With incoherence signs, x is rotated by
     H_K diag(s_in) first and the output by diag(s_out) H_N^T after (the QuIP transform the quantizer applied to W).
     The weight's operands (and signs) are checked and laid out once, at construction; forward checks only x and
@@ -39,12 +40,17 @@ class QuantLinear(nn.Module):
         bias: optional bias [out_features].
         signs_in / signs_out: +-1 vectors [in_features] / [out_features] when the weight is incoherence-processed.
         input_perm: a permutation of range(in_features) (int64 [in_features]) when the stored columns are permuted.
+        float_activations: run 2/4-bit uniform weights through the LUT kernel on the unrounded activations
+            instead of the int8-activation async kernel (slower; a run-time choice, not stored in checkpoints).
     """
 
     def __init__(self, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
                  signs_in: Optional[torch.Tensor] = None, signs_out: Optional[torch.Tensor] = None,
-                 input_perm: Optional[torch.Tensor] = None):
+                 input_perm: Optional[torch.Tensor] = None, float_activations: bool = False):
         super().__init__()
+        if not isinstance(float_activations, bool):
+            raise TypeError(f"float_activations must be a bool, got {float_activations!r}")
+        self.float_activations = float_activations
         if not isinstance(weight, QuantizedWeight):
             raise TypeError(f"weight must be a QuantizedWeight, got {type(weight).__name__}")
         self.in_features, self.out_features = weight.in_features, weight.out_features
@@ -92,7 +98,7 @@ class QuantLinear(nn.Module):
             return [(None, lut_gemm_unchecked, (t["packed"], t["scales"], None, t["table"], w.config["bits"], gs))]
         if w.format == "uniform":
             return [(None, *_uniform_gemm(t["packed"], t["scales"], t["zeros"], w.config["bits"], gs,
-                                          w.in_features))]
+                                          w.in_features, self.float_activations))]
         codes, gb, k = w.codes(), t["group_bits"].tolist(), w.in_features
         parts = []
         for bits in (4, 2):
@@ -103,12 +109,12 @@ class QuantLinear(nn.Module):
             sub = QuantizedWeight.uniform(codes[:, cols.cpu()].cpu(), t["scales"][:, groups].cpu(),
                                           t["zeros"][:, groups].cpu(), bits, gs).to(w.device)
             parts.append((cols, *_uniform_gemm(sub.tensors["packed"], sub.tensors["scales"], sub.tensors["zeros"],
-                                               bits, gs, len(cols))))
+                                               bits, gs, len(cols), self.float_activations)))
         return parts
 
     @property
     def int8_activations(self) -> bool:
-        """True when forward rounds x to int8 per group (some part of the weight runs the 2-bit async kernel)."""
+        """True when forward rounds x to int8 per group (some part of the weight runs the async kernel)."""
         return any(gemm is async_dequant_gemm_unchecked for _, gemm, _ in self._parts)
 
     def _apply(self, fn: Callable, recurse: bool = True):
@@ -177,12 +183,12 @@ def _check_permutation(perm: torch.Tensor, n: int) -> None:
 
 
 def _uniform_gemm(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                  k: int) -> tuple[Callable, tuple[Any, ...]]:
+                  k: int, float_activations: bool) -> tuple[Callable, tuple[Any, ...]]:
     """The fused GEMM of a uniform weight and its arguments: the async-dequant kernel over the aligned layout at
-    2 bits, the LUT kernel with the identity table otherwise."""
+    2 and 4 bits (unless float_activations), the LUT kernel with the identity table otherwise."""
     scales, zeros = scales.contiguous(), zeros.contiguous()
-    if bits == 2:
-        return async_dequant_gemm_unchecked, (prepare_async_dequant(packed, k), scales, zeros, bits, group_size)
+    if bits in ASYNC_DEQUANT_BITS and not float_activations:
+        return async_dequant_gemm_unchecked, (prepare_async_dequant(packed, k, bits), scales, zeros, bits, group_size)
     table = torch.arange(2**bits, dtype=torch.float32, device=packed.device)
     return lut_gemm_unchecked, (packed.contiguous(), scales, zeros, table, bits, group_size)
 
