@@ -28,9 +28,9 @@ def shell_commands(body: str) -> list[str]:
     """The commands of a bash block: one per line, `\\` continuations joined, comments and blank lines dropped."""
     commands, current = [], ""
     for line in body.splitlines():
-        line = line.rstrip()
+        line = line.rstrip() if not current else line.strip()
         if line.endswith("\\"):
-            current += line[:-1] + " "
+            current += line[:-1].rstrip() + " "
             continue
         current += line
         command = current.split(" #")[0].strip() if not current.lstrip().startswith("#") else ""
