@@ -286,5 +286,7 @@ def test_cli_converts_both_ways(tmp_path, capsys):
     byte_tokenizer().save_pretrained(str(bad))
     with pytest.raises(SystemExit, match="integer_zero=True"):
         cli.main(["convert", "--model", str(bad), "--to", "gptq", "--out", str(tmp_path / "no")])
+    with pytest.raises(SystemExit, match="--mse applies to rtn, gptq and quip"):
+        cli.main(["quantize", "--model", str(src), "--method", "vq", "--mse", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--integer-zero applies to rtn and gptq"):
         cli.main(["quantize", "--model", str(src), "--method", "quip", "--integer-zero", "--out", str(tmp_path / "x")])

