@@ -219,6 +219,9 @@ def test_cli_json(checkpoint, capsys):
           "--kv-residual", "0", "--json"])
     out = json.loads(capsys.readouterr().out)
     assert out["kv_bits"] == 2 and out["new_tokens"] == 5 and 0 < out["kv_cache_nbytes"]
+    main(["generate", "--model", str(path), "--prompt", PROMPT, "--max-new-tokens", "5", "--float-activations",
+          "--json"])
+    assert json.loads(capsys.readouterr().out)["new_tokens"] == 5
     import resource
     own_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert 50 * 2**20 < out["peak_memory_bytes"] <= own_peak * 1.01  # this process's peak, torch imported

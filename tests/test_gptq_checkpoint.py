@@ -280,6 +280,13 @@ def test_cli_converts_both_ways(tmp_path, capsys):
     ids = calibration(2, 16, seed=6)
     torch.testing.assert_close(load_quantized(tmp_path / "back")(ids).logits, model(ids).logits,
                                rtol=2e-2, atol=2e-2)  # the GPTQ file holds the non-quantized tensors in fp16
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    ppl = {}
+    for flag in ([], ["--float-activations"]):
+        cli.main(["eval", "ppl", "--model", str(tmp_path / "gptq"), "--text", str(text), "--context", "32", *flag])
+        ppl[bool(flag)] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert ppl[True] != ppl[False] and abs(ppl[True] / ppl[False] - 1) < 0.05  # int8 x vs unrounded x
     real_zeros = tiny_llama()
     quantize_model(real_zeros, "rtn", 4, group_size=32, calibration=calibration(), progress=False)
     bad = save_quantized(real_zeros, tmp_path / "real")

@@ -164,3 +164,21 @@ def test_float_activations_run_the_lut_kernel_on_unrounded_x(method, bits):
     assert err_exact < 1e-5 and 1e-5 < err_int8 < 3e-2
     with pytest.raises(TypeError, match="float_activations must be a bool"):
         QuantLinear(q.weight, float_activations=1)
+
+
+def test_set_float_activations_switches_every_layer():
+    from lowbit.nn import set_float_activations
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    replace_linear(model, lambda name, lin: quantize_linear(lin, "rtn", 4, 32), skip=())
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        fast = model(x)
+        assert set_float_activations(model, True) == 2
+        assert not any(m.int8_activations for m in model.modules() if isinstance(m, QuantLinear))
+        exact = model(x)
+        h = torch.relu(x @ model[0].dequantize().T + model[0].bias)
+        torch.testing.assert_close(exact, h @ model[2].dequantize().T + model[2].bias, rtol=1e-5, atol=1e-5)
+        set_float_activations(model, False)
+        torch.testing.assert_close(model(x), fast, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        model[0].set_float_activations("yes")

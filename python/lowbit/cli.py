@@ -75,6 +75,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from lowbit.data import tokenize
     from lowbit.models import perplexity
     model, tokenizer = load_any(args.model)
+    _apply_float_activations(model, args)
     tokens = tokenize(tokenizer, _read_text(args.text, "eval"))
     if args.max_tokens:
         tokens = tokens[: args.max_tokens]
@@ -82,6 +83,12 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
     ppl = perplexity(model, tokens, args.context, args.batch_size, progress=True)
     print(json.dumps({"perplexity": round(ppl, 4), "tokens": int(tokens.numel()), "context": args.context,
                       "seconds": round(time.time() - start, 1)}))
+
+
+def _apply_float_activations(model: Any, args: argparse.Namespace) -> None:
+    if args.float_activations:
+        from lowbit.nn import set_float_activations
+        set_float_activations(model, True)
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -128,6 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     """Streams the generated text to stdout and a summary line to stderr (--json: one JSON object on stdout)."""
     from lowbit.generate import generate
     model, tokenizer = load_any(args.model)
+    _apply_float_activations(model, args)
     stream = None
     if not args.json:
         print(args.prompt if not args.chat else args.prompt + "\n", end="", flush=True)
@@ -165,6 +173,10 @@ def peak_memory_bytes() -> int:
     return peak
 
 
+FLOAT_ACTIVATIONS_HELP = ("run 2/4-bit uniform layers on unrounded activations (LUT kernel) instead of the faster "
+                          "int8-activation kernel")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="2- to 4-bit LLM quantization and kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -196,6 +208,7 @@ def parser() -> argparse.ArgumentParser:
     ppl.add_argument("--context", type=int, default=512, help="tokens per window (512)")
     ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward (4)")
     ppl.add_argument("--max-tokens", type=int, default=0, help="evaluate only the first N tokens (0: all)")
+    ppl.add_argument("--float-activations", action="store_true", help=FLOAT_ACTIVATIONS_HELP)
     ppl.set_defaults(func=cmd_eval_ppl)
     c = sub.add_parser("convert", help="convert between lowbit checkpoints and the GPTQ format",
                        description="Load --model (a lowbit or GPTQ-format checkpoint) and write it as --to. GPTQ "
@@ -242,6 +255,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     g.add_argument("--json", action="store_true", help="print only a JSON summary (text included), no streaming")
+    g.add_argument("--float-activations", action="store_true", help=FLOAT_ACTIVATIONS_HELP)
     g.set_defaults(func=cmd_generate)
     return p
 

@@ -2,7 +2,7 @@
 
 ``QuantizedKVCache`` needs transformers, so it is imported on first access.
 """
-from lowbit.nn.linear import QuantLinear, replace_linear
+from lowbit.nn.linear import QuantLinear, replace_linear, set_float_activations
 
 _KV_CACHE_NAMES = ("QuantizedKVCache", "QuantizedKVLayer", "lowbit_kv_attention")
 
@@ -14,4 +14,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'lowbit.nn' has no attribute {name!r}")
 
 
-__all__ = ["QuantLinear", "replace_linear", *_KV_CACHE_NAMES]
+__all__ = ["QuantLinear", "replace_linear", "set_float_activations", *_KV_CACHE_NAMES]

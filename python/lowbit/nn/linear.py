@@ -112,6 +112,15 @@ class QuantLinear(nn.Module):
                                                bits, gs, len(cols), self.float_activations)))
         return parts
 
+    def set_float_activations(self, enabled: bool = True) -> "QuantLinear":
+        """Switches 2/4-bit uniform weights between the LUT kernel on unrounded activations (True) and the faster
+        int8-activation async kernel (False, the default); returns self."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {enabled!r}")
+        self.float_activations = enabled
+        self._parts = self._gemm_parts(self.weight)
+        return self
+
     @property
     def int8_activations(self) -> bool:
         """True when forward rounds x to int8 per group (some part of the weight runs the async kernel)."""
@@ -205,6 +214,14 @@ def _check_signs(name: str, signs: torch.Tensor, n: int) -> None:
         randomized_hadamard_transform(torch.zeros(1, n), signs.float().cpu())  # raises naming the nearest sizes
 
 
+def set_float_activations(model: nn.Module, enabled: bool = True) -> int:
+    """Calls :meth:`QuantLinear.set_float_activations` on every QuantLinear of `model`; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.set_float_activations(enabled)
+    return len(layers)
+
+
 def replace_linear(model: nn.Module, quantize_fn: Callable[[str, nn.Linear], Optional[QuantLinear]],
                    skip: Iterable[str] = ("lm_head",)) -> nn.Module:
     """Swaps every nn.Linear of `model` whose qualified name matches none of `skip` for quantize_fn(name, linear)
@@ -220,4 +237,4 @@ def replace_linear(model: nn.Module, quantize_fn: Callable[[str, nn.Linear], Opt
     return model
 
 
-__all__ = ["QuantLinear", "replace_linear"]
+__all__ = ["QuantLinear", "replace_linear", "set_float_activations"]
