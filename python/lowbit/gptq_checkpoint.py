@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import GROUP_SIZES, QuantizedWeight
-from lowbit.io import CheckpointError, build_uninitialized, set_submodule
+from lowbit.io import CheckpointError, build_uninitialized, load_remaining_state, set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.ops.pack import pack_uniform, unpack
 
@@ -250,14 +250,7 @@ def load_gptq(path: Union[str, pathlib.Path], dtype: torch.dtype = torch.float32
         bias = tensors.pop(f"{name}.bias", None)
         set_submodule(model, name, QuantLinear(weight, None if bias is None else bias.to(dtype), input_perm=perm))
     rest = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
-    missing, unexpected = model.load_state_dict(rest, strict=False)
-    missing = [k for k in missing if k.rpartition(".")[0] not in layers  # the QuantLinear buffers, set above
-               and not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    load_remaining_state(model, rest, loaded=tuple(layers))
     model.lowbit_quantization = {"method": "gptq", "bits": bits, "source": "gptq checkpoint",
                                  "group_size": cfg.get("group_size"), "desc_act": cfg.get("desc_act", False)}
     return model.to(device).eval()

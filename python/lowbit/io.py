@@ -116,13 +116,7 @@ def load_quantized(path: Union[str, pathlib.Path], device: Union[str, torch.devi
         if layer.get("input_perm"):
             extra["input_perm"] = tensors[f"{name}.input_perm"]
         set_submodule(model, name, QuantLinear(weight, bias, **extra))
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in missing if not _is_tied(model, k)]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint does not fit {config['model_class']}: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
+    load_remaining_state(model, tensors)
     model.lowbit_quantization = config.get("quantization", {})
     return model.to(device).eval()
 
@@ -146,8 +140,22 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
-def _is_tied(model: nn.Module, key: str) -> bool:
-    return key == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)
+def load_remaining_state(model: nn.Module, tensors: dict[str, torch.Tensor], loaded: tuple[str, ...] = ()) -> None:
+    """Loads `tensors` into `model` and ties its embeddings as its config says. Every parameter and buffer must
+    come from `tensors`, except the tied lm_head and those of the modules named in `loaded` (already set up).
+
+    Raises:
+        CheckpointError naming the first missing and unexpected keys.
+    """
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k.rpartition(".")[0] not in loaded and not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    if tied:
+        model.tie_weights()
 
 
-__all__ = ["save_quantized", "load_quantized", "CheckpointError"]
+__all__ = ["save_quantized", "load_quantized", "CheckpointError", "build_uninitialized", "load_remaining_state",
+           "set_submodule"]

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from lowbit.formats import TENSOR_NAMES, QuantizedWeight
-from lowbit.ops import hadamard_supported, prepare_async_dequant, randomized_hadamard_transform
+from lowbit.ops import prepare_async_dequant, randomized_hadamard_transform
 from lowbit.ops.async_dequant import ASYNC_DEQUANT_BITS, async_dequant_gemm_unchecked
-from lowbit.ops.hadamard import hadamard_unchecked
+from lowbit.ops.hadamard import check_hadamard_size, hadamard_unchecked
 from lowbit.ops.lut_gemm import lut_gemm_unchecked
 from lowbit.ops.vq_gemm import vq_gemm_unchecked
 
@@ -210,8 +210,7 @@ def _check_signs(name: str, signs: torch.Tensor, n: int) -> None:
         raise ValueError(f"{name} must have shape [{n}], got {list(signs.shape)}")
     if not bool((signs.abs() == 1).all()):
         raise ValueError(f"{name} must contain only +1 and -1")
-    if not hadamard_supported(n):
-        randomized_hadamard_transform(torch.zeros(1, n), signs.float().cpu())  # raises naming the nearest sizes
+    check_hadamard_size(n)
 
 
 def set_float_activations(model: nn.Module, enabled: bool = True) -> int:

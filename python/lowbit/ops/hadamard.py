@@ -22,6 +22,12 @@ def hadamard_supported(n: int) -> bool:
     return _C.hadamard_factor(int(n)) is not None
 
 
+def check_hadamard_size(n: int) -> None:
+    """Raises ValueError naming the nearest supported sizes unless a transform of size n is available."""
+    if not hadamard_supported(n):
+        _C.hadamard_check_size(int(n))
+
+
 def _hadamard_impl(x: torch.Tensor, signs: Optional[torch.Tensor], scale: float, inverse: bool) -> torch.Tensor:
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -46,8 +52,8 @@ def _check(x, name: str = "x") -> torch.Tensor:
         raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {x.dtype}")
     if x.dim() < 1:
         raise ValueError(f"{name} must have at least one dimension, got a scalar")
-    if not torch.compiler.is_compiling() and not hadamard_supported(x.shape[-1]):
-        _C.hadamard_check_size(int(x.shape[-1]))  # raises ValueError naming the nearest sizes
+    if not torch.compiler.is_compiling():
+        check_hadamard_size(x.shape[-1])
     return x
 
 
@@ -123,10 +129,8 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
     Meant for tests and small references; n must be supported.
     """
-    factor = _C.hadamard_factor(int(n))
-    if factor is None:
-        _C.hadamard_check_size(int(n))
-    p, m = factor
+    check_hadamard_size(n)
+    p, m = _C.hadamard_factor(int(n))
     sylvester = torch.ones(1, 1, dtype=dtype)
     while sylvester.shape[0] < p:
         sylvester = torch.cat([torch.cat([sylvester, sylvester], 1), torch.cat([sylvester, -sylvester], 1)], 0)
@@ -135,4 +139,4 @@ def hadamard_matrix(n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 
 __all__ = ["hadamard_transform", "randomized_hadamard_transform", "random_signs", "hadamard_matrix",
-           "hadamard_supported", "HADAMARD_FACTORS", "HADAMARD_MAX_N"]
+           "hadamard_supported", "check_hadamard_size", "HADAMARD_FACTORS", "HADAMARD_MAX_N"]
