@@ -1,5 +1,6 @@
 """Quantized GEMM speed (y = x W^T) on the shapes of a 7B model's linears, M = 1, 4, 16, 64 rows of x: lowbit's
-LUT GEMM at 2/3/4 bits (affine codes, group 128), the async-dequant 2/4-bit GEMM (int8 activations) and VQ GEMM
+LUT GEMM at 2/3/4 bits (affine codes, group 128; fp32 activations), the LUT GEMM for int8 activations (NF2/NF4
+tables through the async kernel's table mode), the async-dequant 2/4-bit GEMM (int8 activations) and VQ GEMM
 (2 bits/weight) against torch dense fp32 and bf16
 and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through more memory than the L3
 (bench/memory.py), so the numbers are what a decoding step sees; GB/s counts the bytes of the weight's storage
@@ -7,7 +8,7 @@ and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through
 import pytest
 import torch
 
-from lowbit.ops import aligned_from_codes, async_dequant_gemm, lut_gemm, pack_uniform, vq_gemm
+from lowbit.ops import aligned_from_codes, async_dequant_gemm, lut_gemm, nf_table, pack_uniform, vq_gemm
 from memory import cycling, nbytes, read_bandwidth
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
@@ -61,6 +62,25 @@ def test_lowbit_async_dequant_gemm(benchmark, k, n, m, bits):
     operands = cycling(make)
     x = torch.randn(m, k)
     _run(benchmark, operands, lambda x, p, s, z: async_dequant_gemm(x, p, s, z, GROUP, bits=bits), x)
+    _report(benchmark, nbytes(operands()))
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_lowbit_lut_gemm_int8(benchmark, k, n, m, bits):
+    """The lut format (NF table, scales only) with int8 activations: async_dequant_gemm(table=...)."""
+    _case(benchmark, k, n, m)
+    g = -(-k // GROUP)
+
+    def make():
+        codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+        return aligned_from_codes(codes, bits), (torch.rand(n, g) * 0.01).half()
+
+    operands = cycling(make)
+    table = nf_table(bits)
+    x = torch.randn(m, k)
+    _run(benchmark, operands, lambda x, p, s: async_dequant_gemm(x, p, s, None, GROUP, bits=bits, table=table), x)
     _report(benchmark, nbytes(operands()))
 
 

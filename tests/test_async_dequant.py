@@ -1,7 +1,8 @@
 """The asynchronous-dequantization 2/4-bit GEMM: the aligned layout against a numpy bit-level reference, the int8
 activation quantization against its formula, and the GEMM against float64 references (tight: the integer
 formula over the rounded activations; loose, bounded: x @ W_hat.T), on many shapes, dtypes and group sizes;
-the portable CPU path; bad input; torch.compile; CUDA against CPU (gpu)."""
+table mode (the lut format, the table rounded to int8) likewise; the portable CPU path; bad input;
+torch.compile; CUDA against CPU (gpu)."""
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit
-from lowbit.ops import (aligned_from_codes, aligned_words_per_row, async_dequant_gemm, dequantize_uniform,
-                        pack_uniform, prepare_async_dequant, quantize_activations)
+from lowbit.ops import (aligned_from_codes, aligned_words_per_row, async_dequant_gemm, dequantize_lut,
+                        dequantize_uniform, nf_table, pack_uniform, prepare_async_dequant, prepare_lut_table,
+                        quantize_activations)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -57,10 +59,26 @@ def random_weight(n: int, k: int, group_size: int, gen: torch.Generator, bits: i
     return codes, scales, zeros
 
 
-def exact_reference(xq: np.ndarray, d: np.ndarray, codes, scales, zeros, group_size: int) -> np.ndarray:
-    """y[m, n] = sum_g s * d * (q . xq - z * sum xq) in float64."""
-    q = codes.numpy().astype(np.float64)
-    s, z = scales.double().numpy(), zeros.double().numpy()
+def reference_table(table: np.ndarray, bits: int) -> tuple[np.ndarray, float]:
+    """(tq int [2^bits], table_scale) by the formula of async_dequant.h, in float32."""
+    t = table.astype(np.float32)
+    amax = np.abs(t).max()
+    ts = np.float32(amax / np.float32(127)) if amax > 0 else np.float32(1)
+    return np.clip(np.rint(t / ts), -127, 127).astype(np.int64), float(ts)
+
+
+def exact_reference(xq: np.ndarray, d: np.ndarray, codes, scales, zeros, group_size: int,
+                    table: np.ndarray = None, bits: int = 2) -> np.ndarray:
+    """y[m, n] = sum_g s * d * (ts * tq[q] . xq - z * sum xq) in float64 (no table: tq[q] = q, ts = 1;
+    zeros None: z = 0)."""
+    q = codes.numpy().astype(np.int64)
+    ts = 1.0
+    if table is not None:
+        tq, ts = reference_table(table, bits)
+        q = tq[q]
+    q = q.astype(np.float64) * ts
+    s = scales.double().numpy()
+    z = zeros.double().numpy() if zeros is not None else np.zeros_like(s)
     m, k = xq.shape
     y = np.zeros((m, q.shape[0]))
     for g in range(d.shape[1]):
@@ -79,9 +97,9 @@ def run_case(m, k, n, group_size, dtype, seed=0, bits=2):
     return x, codes, scales, zeros, y
 
 
-def assert_close_to_exact(x, codes, scales, zeros, y, group_size):
+def assert_close_to_exact(x, codes, scales, zeros, y, group_size, table=None, bits=2):
     xq, d = reference_activations(x, group_size)
-    ref = exact_reference(xq, d, codes, scales, zeros, group_size)
+    ref = exact_reference(xq, d, codes, scales, zeros, group_size, table, bits)
     unit = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[y.dtype]
     scale = np.abs(ref).max() + 1e-30
     err = np.abs(y.double().numpy() - ref).max()
@@ -157,6 +175,72 @@ def test_random_configurations(m, k, n, group_size, dtype, bits, seed):
     assert_close_to_exact(*run_case(m, k, n, group_size, dtype, seed=seed, bits=bits), group_size)
 
 
+def run_table_case(m, k, n, group_size, dtype, bits, seed=0, with_zeros=False):
+    gen = torch.Generator().manual_seed(seed)
+    codes, scales, zeros = random_weight(n, k, group_size, gen, bits)
+    zeros = (zeros - 2**(bits - 1)) * 0.1 if with_zeros else None
+    table = nf_table(bits) if seed % 2 else torch.randn(2**bits, generator=gen)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    y = async_dequant_gemm(x, aligned_from_codes(codes, bits), scales, zeros, group_size, bits=bits, table=table)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert_close_to_exact(x, codes, scales, zeros, y, group_size, table.numpy(), bits)
+    return x, codes, scales, zeros, table, y
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 64), (2, 100, 5), (3, 1000, 17), (5, 32, 1), (7, 1536, 20),
+                                   (16, 4096, 3), (33, 129, 9), (70, 640, 33)])
+def test_table_mode_matches_exact_reference(m, k, n, group_size, bits):
+    run_table_case(m, k, n, group_size, torch.float32, bits, seed=m + k + n, with_zeros=bool(m % 2))
+
+
+@given(m=st.integers(1, 9), k=st.integers(1, 700), n=st.integers(1, 40), group_size=st.sampled_from([32, 64, 128]),
+       dtype=st.sampled_from(DTYPES), bits=st.sampled_from([2, 4]), seed=st.integers(0, 2**16),
+       with_zeros=st.booleans())
+def test_table_mode_random_configurations(m, k, n, group_size, dtype, bits, seed, with_zeros):
+    run_table_case(m, k, n, group_size, dtype, bits, seed, with_zeros)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_table_mode_is_close_to_the_fp32_lut(bits):
+    """Against x @ W_hat.T of the fp32 table: int8 activations + the int8 table, ~1% relative error."""
+    x, codes, scales, _, table, y = run_table_case(4, 1000, 50, 64, torch.float32, bits, seed=1)
+    w = dequantize_lut(pack_uniform(codes, bits), scales, table, bits, 64, 1000).double()
+    exact = x.double() @ w.T
+    rel = float(torch.linalg.norm(y.double() - exact) / torch.linalg.norm(exact))
+    assert 1e-4 < rel < 2e-2, rel
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_prepare_lut_table(bits):
+    table = torch.linspace(-1.5, 0.75, 2**bits)
+    tq, ts = prepare_lut_table(table, bits)
+    assert tq.dtype == torch.int8 and tq.shape == (16,) and ts.dtype == torch.float32 and ts.shape == (1,)
+    ref_q, ref_s = reference_table(table.numpy(), bits)
+    np.testing.assert_array_equal(tq.numpy(), np.tile(ref_q, 16 // 2**bits))
+    assert float(ts) == ref_s and int(tq.abs().max()) == 127
+    zq, zs = prepare_lut_table(torch.zeros(2**bits), bits)
+    assert not zq.any() and float(zs) == 1.0
+    with pytest.raises(ValueError, match=rf"table must be a float tensor of shape \[{2**bits}\]"):
+        prepare_lut_table(torch.zeros(2**bits + 1), bits)
+    with pytest.raises(ValueError, match="table must be a float tensor"):
+        prepare_lut_table(torch.zeros(2**bits, dtype=torch.int32), bits)
+    with pytest.raises(ValueError, match="table must be finite"):
+        prepare_lut_table(torch.full((2**bits,), float("nan")), bits)
+
+
+def test_table_mode_runs_all_table_entries():
+    """Every code of a 4-bit row hits its own table entry (bytes 8..15 of the table come from the high half)."""
+    k = 128
+    codes = torch.arange(16, dtype=torch.uint8).view(16, 1).repeat(1, k)  # row n: code n, y[n] = ts tq[n] k
+    table = torch.arange(16, dtype=torch.float32) - 7.5
+    x = torch.ones(1, k)
+    y = async_dequant_gemm(x, aligned_from_codes(codes, 4), torch.ones(16, 1).half(), None, 128, bits=4, table=table)
+    tq, ts = reference_table(table.numpy(), 4)
+    np.testing.assert_allclose(y[0].numpy(), tq * ts * k, rtol=1e-6)
+
+
 def test_batch_dims_and_numpy():
     gen = torch.Generator().manual_seed(1)
     codes, scales, zeros = random_weight(9, 300, 64, gen)
@@ -189,14 +273,17 @@ def test_portable_path_agrees_with_simd():
         "s = (torch.rand(21, 11, generator=g) * 0.02).half(); z = (torch.rand(21, 11, generator=g) * 3).half()\n"
         "x = torch.randn(6, 700, generator=g)\n"
         "c4 = torch.randint(0, 16, (21, 700), dtype=torch.uint8, generator=g)\n"
+        "t2, t4 = torch.randn(4, generator=g), torch.randn(16, generator=g)\n"
         "y = torch.cat([async_dequant_gemm(x, aligned_from_codes(codes), s, z, 64),\n"
-        "               async_dequant_gemm(x, aligned_from_codes(c4, 4), s, z, 64, bits=4)])\n"
+        "               async_dequant_gemm(x, aligned_from_codes(c4, 4), s, z, 64, bits=4),\n"
+        "               async_dequant_gemm(x, aligned_from_codes(codes), s, None, 64, table=t2),\n"
+        "               async_dequant_gemm(x, aligned_from_codes(c4, 4), s, z, 64, bits=4, table=t4)])\n"
         "sys.stdout.buffer.write(y.numpy().tobytes())\n")
     outs = []
     for isa in ("scalar", ""):
         env = dict(os.environ, LOWBIT_CPU_ISA=isa)
         raw = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, check=True).stdout
-        outs.append(np.frombuffer(raw, dtype=np.float32).reshape(12, 21))
+        outs.append(np.frombuffer(raw, dtype=np.float32).reshape(24, 21))
     np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
@@ -209,6 +296,9 @@ def test_portable_path_agrees_with_simd():
     (dict(scales=torch.zeros(3, 2)), "scales must have dtype float16", TypeError),
     (dict(zeros=torch.zeros(3, 3).half()), r"zeros must have shape \[3, 2\]", ValueError),
     (dict(x=torch.zeros(2, 0)), "K >= 1", ValueError),
+    (dict(table=torch.zeros(16)), r"table must be a float tensor of shape \[4\]", ValueError),
+    (dict(table=torch.zeros(4, dtype=torch.int64)), "table must be a float tensor", ValueError),
+    (dict(table=[0.0, 1.0, 2.0, 3.0]), "table must be a torch.Tensor", TypeError),
 ])
 def test_bad_input(bad, match, exc):
     args = dict(x=torch.randn(2, 64), packed=aligned_from_codes(torch.zeros(3, 64, dtype=torch.uint8)),
@@ -234,7 +324,15 @@ def test_native_checks_xq_width():
     with pytest.raises(ValueError, match="xq"):
         lowbit._C.async_dequant_gemm(*(torch.utils.dlpack.to_dlpack(t) for t in (
             xq, torch.zeros(2, 2), torch.zeros(3, 8, dtype=torch.int32), torch.ones(3, 2).half(),
-            torch.zeros(3, 2).half(), torch.zeros(2, 3))), 64, 2, 32, 0)
+            torch.zeros(3, 2).half())), None, None, torch.utils.dlpack.to_dlpack(torch.zeros(2, 3)), 64, 2, 32, 0)
+
+
+def test_native_requires_table_and_scale_together():
+    d = [torch.utils.dlpack.to_dlpack(t) for t in (
+        torch.zeros(2, 128, dtype=torch.int8), torch.zeros(2, 2), torch.zeros(3, 8, dtype=torch.int32),
+        torch.ones(3, 2).half(), torch.zeros(16, dtype=torch.int8), torch.zeros(2, 3))]
+    with pytest.raises(ValueError, match="table_q and table_scale must be given together"):
+        lowbit._C.async_dequant_gemm(d[0], d[1], d[2], d[3], None, d[4], None, d[5], 64, 2, 32, 0)
 
 
 def test_torch_compile_fullgraph():
@@ -263,6 +361,19 @@ def test_cuda_matches_cpu(m, k, n, group_size, dtype, bits):
     torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=0, atol=0)
     y_gpu = async_dequant_gemm(x.cuda(), packed.cuda(), scales.cuda(), zeros.cuda(), group_size, bits=bits)
     assert_close_to_exact(x, codes, scales, zeros, y_gpu.cpu(), group_size)
+    torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=1e-3, atol=1e-3 * y.float().abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [1, 4, 5, 64])
+@pytest.mark.parametrize("k,n,group_size", [(576, 64, 64), (4096, 1000, 128), (1000, 33, 32)])
+def test_cuda_table_mode_matches_cpu(m, k, n, group_size, dtype, bits):
+    x, codes, scales, zeros, table, y = run_table_case(m, k, n, group_size, dtype, bits, seed=m + k, with_zeros=True)
+    y_gpu = async_dequant_gemm(x.cuda(), aligned_from_codes(codes, bits).cuda(), scales.cuda(), zeros.cuda(),
+                               group_size, bits=bits, table=table.cuda())
+    assert_close_to_exact(x, codes, scales, zeros, y_gpu.cpu(), group_size, table.numpy(), bits)
     torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=1e-3, atol=1e-3 * y.float().abs().max().item())
 
 

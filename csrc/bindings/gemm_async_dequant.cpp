@@ -1,8 +1,12 @@
-// Bindings of the asynchronous-dequantization 2/4-bit GEMM family: int8 activation quantization and the GEMM over
-// the aligned weight layout, with every boundary check before a kernel runs.
+// Bindings of the asynchronous-dequantization 2/4-bit GEMM family: int8 activation quantization, the GEMM over
+// the aligned weight layout and the mixed 2/4-bit GEMM over the mixed aligned layout, with every boundary check
+// before a kernel runs.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <optional>
 #include <string>
+#include <vector>
 
 #include "bindings/device.h"
 #include "bindings/dlpack_view.h"
@@ -55,18 +59,20 @@ void quantize_activations(const py::capsule& xc, const py::capsule& xqc, const p
 }
 
 void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule& packedc,
-                        const py::capsule& scalesc, const py::capsule& zerosc, const py::capsule& outc, int64_t k,
-                        int bits, int group_size, int64_t stream) {
+                        const py::capsule& scalesc, const std::optional<py::capsule>& zerosc,
+                        const std::optional<py::capsule>& table_qc, const std::optional<py::capsule>& table_scalec,
+                        const py::capsule& outc, int64_t k, int bits, int group_size, int64_t stream) {
   const char* op = "async_dequant_gemm";
   check_group_size(op, group_size);
   if (!async_bits_ok(bits))
     throw std::invalid_argument(std::string(op) + ": bits must be 2 or 4, got " + std::to_string(bits));
   if (k < 1) throw std::invalid_argument(std::string(op) + ": k must be >= 1, got " + std::to_string(k));
+  if (table_qc.has_value() != table_scalec.has_value())
+    throw std::invalid_argument(std::string(op) + ": table_q and table_scale must be given together");
   const TensorView xq = view_from_capsule(xqc, op, "xq");
   const TensorView d = view_from_capsule(dc, op, "d");
   const TensorView packed = view_from_capsule(packedc, op, "packed");
   const TensorView scales = view_from_capsule(scalesc, op, "scales");
-  const TensorView zeros = view_from_capsule(zerosc, op, "zeros");
   const TensorView out = view_from_capsule(outc, op, "out", true);
   check_dtype(xq, op, "xq", {DType::i8});
   check_ndim(xq, op, "xq", 2);
@@ -78,16 +84,91 @@ void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py:
   const int64_t n = packed.size(0);
   check_operand(packed, xq, op, "packed", "xq", {DType::i32, DType::u32}, {n, aligned_words_per_row(k, bits)});
   check_operand(scales, xq, op, "scales", "xq", {DType::f16}, {n, groups});
-  check_operand(zeros, xq, op, "zeros", "xq", {DType::f16}, {n, groups});
+  std::optional<TensorView> zeros, table_q, table_scale;
+  if (zerosc) {
+    zeros = view_from_capsule(*zerosc, op, "zeros");
+    check_operand(*zeros, xq, op, "zeros", "xq", {DType::f16}, {n, groups});
+  }
+  if (table_qc) {
+    table_q = view_from_capsule(*table_qc, op, "table_q");
+    table_scale = view_from_capsule(*table_scalec, op, "table_scale");
+    check_operand(*table_q, xq, op, "table_q", "xq", {DType::i8}, {kTableBytes});
+    check_aligned(*table_q, op, "table_q", 4);  // read as 4 words
+    check_operand(*table_scale, xq, op, "table_scale", "xq", {DType::f32}, {1});
+  }
   check_operand(out, xq, op, "out", "xq", {DType::f32, DType::f16, DType::bf16}, {m, n});
+  const AsyncGemmOperands operands{xq, d, packed, scales, zeros ? &*zeros : nullptr,
+                                   table_q ? &*table_q : nullptr, table_scale ? &*table_scale : nullptr,
+                                   out, k, bits, group_size};
   if (xq.device == Device::cuda) {
     check_aligned(xq, op, "xq", 16);  // 16-byte cp.async copies
     check_aligned(packed, op, "packed", 16);
-    LOWBIT_RUN_CUDA(op, async_dequant_gemm_cuda(xq, d, packed, scales, zeros, out, k, bits, group_size, stream));
+    LOWBIT_RUN_CUDA(op, async_dequant_gemm_cuda(operands, stream));
     return;
   }
   py::gil_scoped_release release;
-  async_dequant_gemm_cpu(xq, d, packed, scales, zeros, out, k, bits, group_size);
+  async_dequant_gemm_cpu(operands);
+}
+
+void mixed_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule& packedc, const py::capsule& runs4c,
+                const py::capsule& runs2c, const py::capsule& scalesc, const py::capsule& zerosc,
+                const py::capsule& outc, int64_t k, int group_size, int64_t stream) {
+  const char* op = "mixed_gemm";
+  check_group_size(op, group_size);
+  if (k < 1) throw std::invalid_argument(std::string(op) + ": k must be >= 1, got " + std::to_string(k));
+  const TensorView xq = view_from_capsule(xqc, op, "xq");
+  const TensorView d = view_from_capsule(dc, op, "d");
+  const TensorView packed = view_from_capsule(packedc, op, "packed");
+  const TensorView runs4 = view_from_capsule(runs4c, op, "runs4");
+  const TensorView runs2 = view_from_capsule(runs2c, op, "runs2");
+  const TensorView scales = view_from_capsule(scalesc, op, "scales");
+  const TensorView zeros = view_from_capsule(zerosc, op, "zeros");
+  const TensorView out = view_from_capsule(outc, op, "out", true);
+  check_dtype(xq, op, "xq", {DType::i8});
+  check_ndim(xq, op, "xq", 2);
+  const int64_t m = xq.size(0), groups = groups_for(k, group_size), kruns = (k + 31) / 32;
+  check_operand(xq, xq, op, "xq", "xq", {DType::i8}, {m, aligned_padded_k(k)});
+  check_operand(d, xq, op, "d", "xq", {DType::f32}, {m, groups});
+  check_dtype(runs4, op, "runs4", {DType::i32});
+  check_ndim(runs4, op, "runs4", 1);
+  check_dtype(runs2, op, "runs2", {DType::i32});
+  check_ndim(runs2, op, "runs2", 1);
+  const int64_t r4 = runs4.size(0), r2 = runs2.size(0);
+  if (r4 + r2 != kruns)
+    throw std::invalid_argument(std::string(op) + ": runs4 and runs2 must hold the ceil(K / 32) = " +
+                                std::to_string(kruns) + " runs of K between them, got " + std::to_string(r4) + " + " +
+                                std::to_string(r2));
+  check_operand(runs4, xq, op, "runs4", "xq", {DType::i32}, {r4});
+  check_operand(runs2, xq, op, "runs2", "xq", {DType::i32}, {r2});
+  if (xq.device == Device::cpu) {  // CUDA tensors: lowbit.ops.mixed_gemm checks them (QuantLinear once)
+    std::vector<bool> seen(size_t(kruns), false);
+    for (const TensorView* runs : {&runs4, &runs2})
+      for (int64_t r = 0; r < runs->size(0); ++r) {
+        const int32_t v = runs->ptr<int32_t>()[r];
+        if (v < 0 || v >= kruns || seen[size_t(v)])
+          throw std::invalid_argument(std::string(op) + ": runs4 and runs2 must hold each run of K (0.." +
+                                      std::to_string(kruns - 1) + ") once, got " +
+                                      (runs == &runs4 ? "runs4[" : "runs2[") + std::to_string(r) +
+                                      "] = " + std::to_string(v));
+        seen[size_t(v)] = true;
+      }
+  }
+  check_dtype(packed, op, "packed", {DType::i32, DType::u32});
+  check_ndim(packed, op, "packed", 2);
+  const int64_t n = packed.size(0);
+  check_operand(packed, xq, op, "packed", "xq", {DType::i32, DType::u32}, {n, mixed_aligned_words(r4, r2)});
+  check_operand(scales, xq, op, "scales", "xq", {DType::f16}, {n, groups});
+  check_operand(zeros, xq, op, "zeros", "xq", {DType::f16}, {n, groups});
+  check_operand(out, xq, op, "out", "xq", {DType::f32, DType::f16, DType::bf16}, {m, n});
+  const MixedGemmOperands operands{xq, d, packed, runs4, runs2, scales, zeros, out, k, group_size};
+  if (xq.device == Device::cuda) {
+    check_aligned(xq, op, "xq", 16);
+    check_aligned(packed, op, "packed", 16);
+    LOWBIT_RUN_CUDA(op, mixed_gemm_cuda(operands, stream));
+    return;
+  }
+  py::gil_scoped_release release;
+  mixed_gemm_cpu(operands);
 }
 
 }  // namespace
@@ -97,9 +178,15 @@ void register_async_dequant(py::module_& m) {
         py::arg("group_size"), py::arg("stream"),
         "Symmetric int8 quantization of x [M, K] per row and group: xq [M, ceil(K/128)*128], d [M, groups].");
   m.def("async_dequant_gemm", &async_dequant_gemm, py::arg("xq"), py::arg("d"), py::arg("packed"),
-        py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("k"), py::arg("bits"), py::arg("group_size"),
+        py::arg("scales"), py::arg("zeros").none(true), py::arg("table_q").none(true),
+        py::arg("table_scale").none(true), py::arg("out"), py::arg("k"), py::arg("bits"), py::arg("group_size"),
         py::arg("stream"),
-        "out = dequant(xq, d) . W_hat^T for a 2- or 4-bit weight in the aligned layout (async_dequant.h).");
+        "out = dequant(xq, d) . W_hat^T for a 2- or 4-bit weight in the aligned layout (async_dequant.h), W_hat = "
+        "scales * (q - zeros), or scales * (table_scale * table_q[q] - zeros) with a table.");
+  m.def("mixed_gemm", &mixed_gemm, py::arg("xq"), py::arg("d"), py::arg("packed"), py::arg("runs4"),
+        py::arg("runs2"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("k"), py::arg("group_size"),
+        py::arg("stream"),
+        "out = dequant(xq, d) . W_hat^T for a mixed 2/4-bit weight in the mixed aligned layout (async_dequant.h).");
 }
 
 }  // namespace lowbit

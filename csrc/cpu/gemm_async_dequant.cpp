@@ -1,13 +1,17 @@
-// CPU asynchronous-dequantization 2/4-bit GEMM over the aligned layout (async_dequant.h), and the int8
-// activation quantization it multiplies.
+// CPU asynchronous-dequantization 2/4-bit GEMM over the aligned layout (async_dequant.h), the mixed 2/4-bit GEMM
+// over the mixed aligned layout (the same run kernel over a 4-bit and a 2-bit segment, each run reading the
+// activations of its K-run), and the int8 activation quantization they multiply.
 // GEMM: tasks of 16 weight rows x 64 rows of x run in parallel (OpenMP). For each weight row and group, up to 4
 // rows of x at a time: every 32-code run of the group is one 32-byte load of its chunk, one shift and one mask
 // (the 32 codes as bytes), then per row of x one vpmaddubsw against the 32 contiguous int8 activations, summed
 // in int16 lanes over the group (at most 4 runs: |sum| <= 4 * 2 * 15 * 127 fits), widened once per group and
 // scaled in fp32 by scale * d. The next weight row is prefetched while the current one is unpacked. The zero
-// correction sum_g scale * zero * d * sum(xq) uses per-group activation sums computed once per call. AVX2 is
-// chosen at run time (LOWBIT_CPU_ISA=scalar forces the portable path); the portable path computes the same
-// integers through aligned_code.
+// correction sum_g scale * zero * d * sum(xq) uses per-group activation sums computed once per call.
+// Table mode: the 32 codes of a run become their int8 table values by one vpshufb (the 16 table bytes in
+// both lanes), multiplied by vpmaddubsw(|xq|, sign(tq, xq)) (|pair sums| <= 2 * 127 * 127) and widened to
+// int32 per run; table_scale multiplies each row's sum once. AVX2 is chosen at run time (LOWBIT_CPU_ISA=scalar
+// forces the portable path); the portable path computes the same integers 4 columns at a time through
+// aligned_codes4 / table_bytes4 / dot4_i8, the element logic of the CUDA kernel.
 #include "lowbit/async_dequant.h"
 
 #include <algorithm>
@@ -36,29 +40,46 @@ struct RowsFnTable {
   RowsFn by_mr[kMaxMr];  // by rows of x - 1
 };
 
+// Mixed layout: the consecutive segment runs [first, first + count) of one K-group, and one segment.
+struct GroupRuns {
+  int64_t group, first, count;
+};
+struct MixedSegment {
+  int64_t byte_offset;      // of the segment inside a row
+  const int32_t* runs;      // K-run of each segment run
+  const GroupRuns* groups;  // in segment order
+  int64_t ngroups;
+};
+
 struct AsyncArgs {
   const int8_t* xq;
+  const uint8_t* xa;  // table mode: |xq| (else nullptr)
   int64_t kp;         // padded K of xq
   const float* d;     // [M, groups]
   const float* u;     // [M, groups]: d * (sum of the group's xq), the zero correction's activation factor
   const uint8_t* packed;
   int64_t row_bytes;
   const uint16_t* scales;
-  const uint16_t* zeros;
+  const uint16_t* zeros;  // nullptr: zero = 0
+  const uint32_t* tq;     // table mode: the 16 int8 table bytes as 4 words (else nullptr)
+  float ts;               // table_scale (1 without a table)
   int64_t groups, k, m, n;
   int bits, group_size;
-  float* y;  // [M, N] fp32
+  float* y;                   // [M, N] fp32
+  const MixedSegment* mixed;  // mixed layout: the 4-bit and the 2-bit segment (else nullptr)
 };
 
 // The zero correction sum_g scale * zero * u of a weight row for rows m0..m0+mr of x.
 inline void zero_correction(const AsyncArgs& a, int64_t row, int64_t m0, int mr, float* corr) {
   for (int i = 0; i < mr; ++i) corr[i] = 0.0f;
+  if (!a.zeros) return;
   for (int64_t g = 0; g < a.groups; ++g) {
     const float sz = half_to_float(a.scales[row * a.groups + g]) * half_to_float(a.zeros[row * a.groups + g]);
     for (int i = 0; i < mr; ++i) corr[i] += sz * a.u[(m0 + i) * a.groups + g];
   }
 }
 
+// 4 columns at a time (groups start at multiples of 32; xq is zero past K, so the codes there add nothing).
 template <int MR>
 void rows_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
   const uint8_t* codes = a.packed + row * a.row_bytes;
@@ -66,11 +87,45 @@ void rows_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
   for (int64_t g = 0; g < a.groups; ++g) {
     const int64_t k0 = g * a.group_size, k1 = std::min(a.k, k0 + a.group_size);
     const float s = half_to_float(a.scales[row * a.groups + g]);
-    for (int i = 0; i < MR; ++i) {
-      const int8_t* x = a.xq + (m0 + i) * a.kp;
-      int32_t dot = 0;
-      for (int64_t k = k0; k < k1; ++k) dot += int32_t(aligned_code(codes, k, a.bits)) * x[k];
-      acc[i] += s * a.d[(m0 + i) * a.groups + g] * float(dot);
+    int32_t dot[MR] = {};
+    for (int64_t k = k0; k < k1; k += 4) {
+      uint32_t w = aligned_codes4(codes, k, a.bits);
+      if (a.tq) w = table_bytes4(w, a.tq);
+      for (int i = 0; i < MR; ++i) {
+        uint32_t x4;
+        std::memcpy(&x4, a.xq + (m0 + i) * a.kp + k, 4);
+        dot[i] += dot4_i8(w, x4);
+      }
+    }
+    for (int i = 0; i < MR; ++i) acc[i] += s * a.d[(m0 + i) * a.groups + g] * float(dot[i]);
+  }
+  float corr[MR];
+  zero_correction(a, row, m0, MR, corr);
+  for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = a.ts * acc[i] - corr[i];
+}
+
+// Mixed layout: both segments, 4 columns at a time; segment run s reads the activations of K-run runs[s].
+template <int MR>
+void rows_mixed_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
+  float acc[MR] = {};
+  for (int sg = 0; sg < 2; ++sg) {
+    const MixedSegment& seg = a.mixed[sg];
+    const int bits = sg == 0 ? 4 : 2;
+    const uint8_t* codes = a.packed + row * a.row_bytes + seg.byte_offset;
+    for (int64_t gi = 0; gi < seg.ngroups; ++gi) {
+      const GroupRuns& gr = seg.groups[gi];
+      int32_t dot[MR] = {};
+      for (int64_t r = gr.first; r < gr.first + gr.count; ++r)
+        for (int j = 0; j < 32; j += 4) {
+          const uint32_t w = aligned_codes4(codes, 32 * r + j, bits);
+          for (int i = 0; i < MR; ++i) {
+            uint32_t x4;
+            std::memcpy(&x4, a.xq + (m0 + i) * a.kp + 32 * int64_t(seg.runs[r]) + j, 4);
+            dot[i] += dot4_i8(w, x4);
+          }
+        }
+      const float sc = half_to_float(a.scales[row * a.groups + gr.group]);
+      for (int i = 0; i < MR; ++i) acc[i] += sc * a.d[(m0 + i) * a.groups + gr.group] * float(dot[i]);
     }
   }
   float corr[MR];
@@ -90,6 +145,10 @@ LOWBIT_AVX2 inline float hsum(__m256 v) {
 
 // zero_correction with 8 groups per step (F16C conversions of the fp16 scales and zeros).
 LOWBIT_AVX2 inline void zero_correction_avx2(const AsyncArgs& a, int64_t row, int64_t m0, int mr, float* corr) {
+  if (!a.zeros) {
+    for (int i = 0; i < mr; ++i) corr[i] = 0.0f;
+    return;
+  }
   const uint16_t* sc = a.scales + row * a.groups;
   const uint16_t* zc = a.zeros + row * a.groups;
   for (int i = 0; i < mr; ++i) {
@@ -115,82 +174,140 @@ LOWBIT_AVX2 inline __m256i run_codes(const uint8_t* codes, int64_t r) {
   return _mm256_and_si256(_mm256_srli_epi16(chunk, int(r % kRuns) * BITS), _mm256_set1_epi8((1 << BITS) - 1));
 }
 
-// Adds the int16 sums of runs r0..r1 (the 32 codes of each against 32 int8 activations) for MR rows of x.
-template <int MR, int BITS>
-LOWBIT_AVX2 inline void add_runs(const AsyncArgs& a, const uint8_t* codes, int64_t m0, int64_t r0, int64_t r1,
-                                 __m256i* sum16) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const __m256i q = run_codes<BITS>(codes, r);
+// Adds run r (k = 32 r .. 32 r + 31: 32 codes against 32 int8 activations) of a BITS-wide row to the group
+// sums of MR rows of x. Codes: vpmaddubsw(q, xq) into int16 lanes (at most 4 runs a group: |sum| <= 4 * 2 * 15
+// * 127 fits). Table mode: tq[q] by vpshufb, vpmaddubsw(|xq|, sign(tq[q], xq)) widened to int32 lanes at once.
+// xr: the K-run of the activations (r itself, except in a mixed segment).
+template <int MR, int BITS, bool TABLE>
+LOWBIT_AVX2 inline void add_run(const AsyncArgs& a, const uint8_t* codes, int64_t m0, int64_t r, int64_t xr,
+                                __m256i table, __m256i* sum) {
+  const __m256i q = run_codes<BITS>(codes, r);
+  if constexpr (TABLE) {
+    const __m256i w = _mm256_shuffle_epi8(table, q);
     for (int i = 0; i < MR; ++i) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + r * 32));
-      sum16[i] = _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(q, x));
+      const int64_t off = (m0 + i) * a.kp + xr * 32;
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + off));
+      const __m256i xa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xa + off));
+      const __m256i p = _mm256_maddubs_epi16(xa, _mm256_sign_epi8(w, x));
+      sum[i] = _mm256_add_epi32(sum[i], _mm256_madd_epi16(p, _mm256_set1_epi16(1)));
+    }
+  } else {
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + xr * 32));
+      sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(q, x));
     }
   }
 }
 
 // One weight row against MR rows of x, for groups of RPG runs (group_size / 32): whole groups run a loop of
 // compile-time length, a short last group the general one.
-template <int MR, int RPG, int BITS>
+template <int MR, int RPG, int BITS, bool TABLE>
 LOWBIT_AVX2 void rows_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
   const uint8_t* codes = a.packed + row * a.row_bytes;
   if (row + 1 < a.n) _mm_prefetch(reinterpret_cast<const char*>(codes + a.row_bytes), _MM_HINT_T0);
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i table = TABLE ? _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a.tq)))
+                              : _mm256_setzero_si256();
   const int64_t runs = (a.k + 31) / 32;
   const int64_t whole = std::min(a.groups, runs / RPG);
   __m256 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < a.groups; ++g) {
-    __m256i sum16[MR];
-    for (int i = 0; i < MR; ++i) sum16[i] = _mm256_setzero_si256();
+    __m256i sum[MR];  // int16 lanes (codes) or int32 lanes (table)
+    for (int i = 0; i < MR; ++i) sum[i] = _mm256_setzero_si256();
     const int64_t r0 = g * RPG;
     if (g < whole) {
-      for (int c = 0; c < RPG; ++c) {
-        const int64_t r = r0 + c;
-        const __m256i q = run_codes<BITS>(codes, r);
-        for (int i = 0; i < MR; ++i) {
-          const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + r * 32));
-          sum16[i] = _mm256_add_epi16(sum16[i], _mm256_maddubs_epi16(q, x));
-        }
-      }
+      for (int c = 0; c < RPG; ++c) add_run<MR, BITS, TABLE>(a, codes, m0, r0 + c, r0 + c, table, sum);
     } else {
-      add_runs<MR, BITS>(a, codes, m0, r0, std::min(runs, r0 + RPG), sum16);
+      for (int64_t r = r0, r1 = std::min(runs, r0 + RPG); r < r1; ++r)
+        add_run<MR, BITS, TABLE>(a, codes, m0, r, r, table, sum);
     }
     const float s = _cvtsh_ss(a.scales[row * a.groups + g]);
     for (int i = 0; i < MR; ++i) {
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16[i], ones));
+      const __m256 dot = _mm256_cvtepi32_ps(TABLE ? sum[i] : _mm256_madd_epi16(sum[i], ones));
       acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(s * a.d[(m0 + i) * a.groups + g]), dot, acc[i]);
     }
   }
   float corr[MR];
   zero_correction_avx2(a, row, m0, MR, corr);
+  for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = a.ts * hsum(acc[i]) - corr[i];
+}
+
+// One segment of a mixed row (width BITS) into acc: per group, its runs in int16 lanes, then scale * d.
+template <int MR, int BITS>
+LOWBIT_AVX2 inline void mixed_segment_avx2(const AsyncArgs& a, const MixedSegment& seg, int64_t row, int64_t m0,
+                                           __m256* acc) {
+  const uint8_t* codes = a.packed + row * a.row_bytes + seg.byte_offset;
+  const __m256i ones = _mm256_set1_epi16(1), none = _mm256_setzero_si256();
+  for (int64_t gi = 0; gi < seg.ngroups; ++gi) {
+    const GroupRuns& gr = seg.groups[gi];
+    __m256i sum[MR];
+    for (int i = 0; i < MR; ++i) sum[i] = _mm256_setzero_si256();
+    for (int64_t r = gr.first; r < gr.first + gr.count; ++r)
+      add_run<MR, BITS, false>(a, codes, m0, r, seg.runs[r], none, sum);
+    const float sc = _cvtsh_ss(a.scales[row * a.groups + gr.group]);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], ones));
+      acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * a.d[(m0 + i) * a.groups + gr.group]), dot, acc[i]);
+    }
+  }
+}
+
+template <int MR>
+LOWBIT_AVX2 void rows_mixed_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
+  if (row + 1 < a.n) _mm_prefetch(reinterpret_cast<const char*>(a.packed + (row + 1) * a.row_bytes), _MM_HINT_T0);
+  __m256 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  mixed_segment_avx2<MR, 4>(a, a.mixed[0], row, m0, acc);
+  mixed_segment_avx2<MR, 2>(a, a.mixed[1], row, m0, acc);
+  float corr[MR];
+  zero_correction_avx2(a, row, m0, MR, corr);
   for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = hsum(acc[i]) - corr[i];
 }
 
-template <int RPG, int BITS>
+template <int RPG, int BITS, bool TABLE>
 constexpr RowsFnTable avx2_table() {
-  return {{rows_avx2<1, RPG, BITS>, rows_avx2<2, RPG, BITS>, rows_avx2<3, RPG, BITS>, rows_avx2<4, RPG, BITS>}};
+  return {{rows_avx2<1, RPG, BITS, TABLE>, rows_avx2<2, RPG, BITS, TABLE>, rows_avx2<3, RPG, BITS, TABLE>,
+           rows_avx2<4, RPG, BITS, TABLE>}};
 }
 #endif
 
 
 // AVX2 when the CPU has it, unless the environment variable LOWBIT_CPU_ISA=scalar (read once) asks for the
 // portable path.
-// Kernel tables by bits (2, 4 -> 0, 1) and group size (32, 64, 128 -> 0, 1, 2).
+// Kernel tables by table mode (0, 1), bits (2, 4 -> 0, 1) and group size (32, 64, 128 -> 0, 1, 2), and the
+// mixed-layout kernels.
 struct RowsKernels {
-  RowsFnTable by_bits_group[2][3];
+  RowsFnTable by_mode_bits_group[2][2][3];
+  RowsFnTable mixed;
 };
 
+#ifdef LOWBIT_ASYNC_X86
+template <bool TABLE>
+constexpr RowsFnTable avx2_tables[2][3] = {
+    {avx2_table<1, 2, TABLE>(), avx2_table<2, 2, TABLE>(), avx2_table<4, 2, TABLE>()},
+    {avx2_table<1, 4, TABLE>(), avx2_table<2, 4, TABLE>(), avx2_table<4, 4, TABLE>()}};
+#endif
+
 RowsKernels select_kernels() {
-  constexpr RowsFnTable portable_table{{rows_portable<1>, rows_portable<2>, rows_portable<3>, rows_portable<4>}};
+  constexpr RowsFnTable p{{rows_portable<1>, rows_portable<2>, rows_portable<3>, rows_portable<4>}};
+  constexpr RowsFnTable pm{{rows_mixed_portable<1>, rows_mixed_portable<2>, rows_mixed_portable<3>,
+                            rows_mixed_portable<4>}};
+  RowsKernels kernels{{{{p, p, p}, {p, p, p}}, {{p, p, p}, {p, p, p}}}, pm};
 #ifdef LOWBIT_ASYNC_X86
   const char* isa = std::getenv("LOWBIT_CPU_ISA");
   const bool portable = isa != nullptr && std::strcmp(isa, "scalar") == 0;
   if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c"))
-    return {{{avx2_table<1, 2>(), avx2_table<2, 2>(), avx2_table<4, 2>()},
-             {avx2_table<1, 4>(), avx2_table<2, 4>(), avx2_table<4, 4>()}}};
+      __builtin_cpu_supports("f16c")) {
+    for (int b = 0; b < 2; ++b)
+      for (int g = 0; g < 3; ++g) {
+        kernels.by_mode_bits_group[0][b][g] = avx2_tables<false>[b][g];
+        kernels.by_mode_bits_group[1][b][g] = avx2_tables<true>[b][g];
+      }
+    kernels.mixed = {{rows_mixed_avx2<1>, rows_mixed_avx2<2>, rows_mixed_avx2<3>, rows_mixed_avx2<4>}};
+  }
 #endif
-  return {{{portable_table, portable_table, portable_table}, {portable_table, portable_table, portable_table}}};
+  return kernels;
 }
 
 template <typename IO>
@@ -230,37 +347,36 @@ void quantize_activations_cpu(const TensorView& x, const TensorView& xq, const T
   }
 }
 
-void async_dequant_gemm_cpu(const TensorView& xq, const TensorView& d, const TensorView& packed,
-                            const TensorView& scales, const TensorView& zeros, const TensorView& out, int64_t k,
-                            int bits, int group_size) {
-  const int64_t m = xq.size(0), n = packed.size(0);
-  if (m == 0 || n == 0) return;
-  const int64_t groups = d.size(1), kp = xq.size(1);
+namespace {
+
+// d * (sum of each group's xq) per row of x: the zero correction's activation factor.
+std::vector<float> group_sums(const int8_t* xq, const float* d, int64_t m, int64_t kp, int64_t k, int64_t groups,
+                              int group_size) {
   std::vector<float> u(size_t(m * groups));
-  const int8_t* xqp = xq.ptr<int8_t>();
-  const float* dp = d.ptr<float>();
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < groups; ++g) {
       int32_t s = 0;
-      for (int64_t j = g * group_size, e = std::min(k, (g + 1) * group_size); j < e; ++j) s += xqp[i * kp + j];
-      u[size_t(i * groups + g)] = dp[i * groups + g] * float(s);
+      for (int64_t j = g * group_size, e = std::min(k, (g + 1) * group_size); j < e; ++j) s += xq[i * kp + j];
+      u[size_t(i * groups + g)] = d[i * groups + g] * float(s);
     }
+  return u;
+}
+
+// Runs fns over tasks of kRowsPerTask weight rows x kXRowsPerTask rows of x in parallel, a.y staged in fp32
+// when out is not, then stored.
+void run_rows(AsyncArgs& a, const RowsFnTable& fns, const TensorView& out) {
+  const int64_t m = a.m, n = a.n;
   const bool direct = out.dtype == DType::f32;
   std::vector<float> staging(direct ? 0 : size_t(m * n));
-  AsyncArgs a{xqp, kp, dp, u.data(), static_cast<const uint8_t*>(packed.data),
-              aligned_words_per_row(k, bits) * 4, scales.ptr<uint16_t>(), zeros.ptr<uint16_t>(), groups, k, m, n,
-              bits, group_size, direct ? out.ptr<float>() : staging.data()};
-  static const RowsKernels kernels = select_kernels();
-  const int group_index = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
-  const RowsFnTable& table = kernels.by_bits_group[bits == 2 ? 0 : 1][group_index];
+  a.y = direct ? out.ptr<float>() : staging.data();
   const int64_t row_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t m_tasks = (m + kXRowsPerTask - 1) / kXRowsPerTask;
-#pragma omp parallel for schedule(static) if (m * n * k >= (int64_t(1) << 18))
+#pragma omp parallel for schedule(static) if (m * n * a.k >= (int64_t(1) << 18))
   for (int64_t task = 0; task < row_tasks * m_tasks; ++task) {
     const int64_t n0 = (task % row_tasks) * kRowsPerTask, n1 = std::min(n, n0 + kRowsPerTask);
     const int64_t mt0 = (task / row_tasks) * kXRowsPerTask, mt1 = std::min(m, mt0 + kXRowsPerTask);
     for (int64_t m0 = mt0; m0 < mt1; m0 += kMaxMr) {
-      const RowsFn fn = table.by_mr[std::min<int64_t>(kMaxMr, mt1 - m0) - 1];
+      const RowsFn fn = fns.by_mr[std::min<int64_t>(kMaxMr, mt1 - m0) - 1];
       for (int64_t row = n0; row < n1; ++row) fn(a, row, m0);
     }
   }
@@ -269,6 +385,62 @@ void async_dequant_gemm_cpu(const TensorView& xq, const TensorView& d, const Ten
     store_rows<F16>(staging.data(), m * n, out.ptr<uint16_t>());
   else
     store_rows<BF16>(staging.data(), m * n, out.ptr<uint16_t>());
+}
+
+const RowsKernels& kernels() {
+  static const RowsKernels k = select_kernels();
+  return k;
+}
+
+// The groups of a mixed segment: consecutive runs of the same K-group.
+std::vector<GroupRuns> segment_groups(const int32_t* runs, int64_t count, int group_size) {
+  std::vector<GroupRuns> groups;
+  for (int64_t r = 0; r < count; ++r) {
+    const int64_t g = int64_t(runs[r]) * 32 / group_size;
+    if (groups.empty() || groups.back().group != g) groups.push_back({g, r, 0});
+    ++groups.back().count;
+  }
+  return groups;
+}
+
+}  // namespace
+
+void async_dequant_gemm_cpu(const AsyncGemmOperands& op) {
+  const int64_t m = op.xq.size(0), n = op.packed.size(0), k = op.k;
+  if (m == 0 || n == 0) return;
+  const int group_size = op.group_size, bits = op.bits;
+  const int64_t groups = op.d.size(1), kp = op.xq.size(1);
+  const int8_t* xqp = op.xq.ptr<int8_t>();
+  const float* dp = op.d.ptr<float>();
+  const std::vector<float> u = op.zeros ? group_sums(xqp, dp, m, kp, k, groups, group_size) : std::vector<float>();
+  const bool table = op.table_q != nullptr;
+  std::vector<uint8_t> xa(table ? size_t(m * kp) : 0);
+  for (size_t i = 0; i < xa.size(); ++i) xa[i] = uint8_t(std::abs(int(xqp[i])));
+  AsyncArgs a{xqp, table ? xa.data() : nullptr, kp, dp, op.zeros ? u.data() : nullptr,
+              static_cast<const uint8_t*>(op.packed.data), aligned_words_per_row(k, bits) * 4,
+              op.scales.ptr<uint16_t>(), op.zeros ? op.zeros->ptr<uint16_t>() : nullptr,
+              table ? static_cast<const uint32_t*>(op.table_q->data) : nullptr,
+              table ? *op.table_scale->ptr<float>() : 1.0f, groups, k, m, n, bits, group_size, nullptr, nullptr};
+  const int group_index = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
+  run_rows(a, kernels().by_mode_bits_group[table ? 1 : 0][bits == 2 ? 0 : 1][group_index], op.out);
+}
+
+void mixed_gemm_cpu(const MixedGemmOperands& op) {
+  const int64_t m = op.xq.size(0), n = op.packed.size(0), k = op.k;
+  if (m == 0 || n == 0) return;
+  const int64_t groups = op.d.size(1), kp = op.xq.size(1), r4 = op.runs4.size(0), r2 = op.runs2.size(0);
+  const int8_t* xqp = op.xq.ptr<int8_t>();
+  const float* dp = op.d.ptr<float>();
+  const std::vector<float> u = group_sums(xqp, dp, m, kp, k, groups, op.group_size);
+  const std::vector<GroupRuns> g4 = segment_groups(op.runs4.ptr<int32_t>(), r4, op.group_size);
+  const std::vector<GroupRuns> g2 = segment_groups(op.runs2.ptr<int32_t>(), r2, op.group_size);
+  const MixedSegment segments[2] = {
+      {0, op.runs4.ptr<int32_t>(), g4.data(), int64_t(g4.size())},
+      {aligned_words_per_row(32 * r4, 4) * 4, op.runs2.ptr<int32_t>(), g2.data(), int64_t(g2.size())}};
+  AsyncArgs a{xqp, nullptr, kp, dp, u.data(), static_cast<const uint8_t*>(op.packed.data),
+              mixed_aligned_words(r4, r2) * 4, op.scales.ptr<uint16_t>(), op.zeros.ptr<uint16_t>(), nullptr, 1.0f,
+              groups, k, m, n, 0, op.group_size, nullptr, segments};
+  run_rows(a, kernels().mixed, op.out);
 }
 
 }  // namespace lowbit

@@ -6,9 +6,11 @@
 // as 16-byte cp.async copies, and tile t's scales and zeros are loaded into registers before the wait. Thread
 // (row r = tid / 8, piece j = tid % 8) owns 16 bytes of chunk j / 2 of its row: for each of the chunk's runs c
 // (4 at 2 bits, 2 at 4) one shift + mask per word gives 4 codes as bytes,
-// multiplied with 4 int8 activations by dp4a (exact int32), then scaled by scale * d in fp32. Activation chunks
+// multiplied with 4 int8 activations by dp4a (exact int32), then scaled by scale * d in fp32 (table mode: the
+// 4 codes first become their int8 table values by two prmt byte selections, table_bytes4). Activation chunks
 // sit 160 bytes apart in shared memory, so the 8 pieces of a row hit 8 distinct bank quads. The 8 threads of a
 // row are reduced by shuffles. Before sm_80 (no cp.async) the copies are plain 16-byte loads and stores.
+// Mixed 2/4-bit GEMM over the mixed aligned layout: one warp per weight row over both segments (see the kernel).
 // Activation quantization: one warp per (row of x, group), a max reduction over shuffles, then the codes.
 #include <algorithm>
 
@@ -51,12 +53,20 @@ struct Stage {
   uint8_t x[kMb][kTileChunks * kXChunkStride];
 };
 
-template <typename IO, int BITS>
+template <typename IO, int BITS, bool TABLE>
 __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
     const int8_t* __restrict__ xq, const float* __restrict__ d, const uint8_t* __restrict__ packed,
-    const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros, typename IO::storage* __restrict__ out,
-    int m, int n, int k, int kp, int groups, int group_size) {
+    const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros, const uint32_t* __restrict__ table_q,
+    const float* __restrict__ table_scale, typename IO::storage* __restrict__ out, int m, int n, int k, int kp,
+    int groups, int group_size) {
   __shared__ __align__(16) Stage stages[2];
+  uint32_t tq[4] = {0u, 0u, 0u, 0u};
+  float ts = 1.0f;
+  if constexpr (TABLE) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) tq[i] = __ldg(table_q + i);
+    ts = __ldg(table_scale);
+  }
   const int tid = threadIdx.x;
   const int r = tid / kPieces, j = tid % kPieces;
   const int row = blockIdx.x * kRows + r;
@@ -96,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
       const int krun = ch * kCodes + 32 * c;
       gc[c] = live && krun < k ? krun / group_size : -1;
       sc[c] = gc[c] >= 0 ? half_to_float(scales[int64_t(row) * groups + gc[c]]) : 0.0f;
-      zc[c] = gc[c] >= 0 ? half_to_float(zeros[int64_t(row) * groups + gc[c]]) : 0.0f;
+      zc[c] = gc[c] >= 0 && zeros ? half_to_float(zeros[int64_t(row) * groups + gc[c]]) : 0.0f;
     }
     copy_wait_all_but_one();
     __syncthreads();
@@ -106,8 +116,14 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
 #pragma unroll
       for (int c = 0; c < kRuns; ++c) {
         if (gc[c] < 0) continue;
-        const uint32_t q0 = (cw.x >> (BITS * c)) & kMask, q1 = (cw.y >> (BITS * c)) & kMask;
-        const uint32_t q2 = (cw.z >> (BITS * c)) & kMask, q3 = (cw.w >> (BITS * c)) & kMask;
+        uint32_t q0 = (cw.x >> (BITS * c)) & kMask, q1 = (cw.y >> (BITS * c)) & kMask;
+        uint32_t q2 = (cw.z >> (BITS * c)) & kMask, q3 = (cw.w >> (BITS * c)) & kMask;
+        if constexpr (TABLE) {
+          q0 = table_bytes4(q0, tq);
+          q1 = table_bytes4(q1, tq);
+          q2 = table_bytes4(q2, tq);
+          q3 = table_bytes4(q3, tq);
+        }
 #pragma unroll
         for (int i = 0; i < kMb; ++i) {
           if (i >= mb) break;
@@ -120,7 +136,7 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
           xs = __dp4a(0x01010101, int(xw.y), xs);
           xs = __dp4a(0x01010101, int(xw.z), xs);
           xs = __dp4a(0x01010101, int(xw.w), xs);
-          acc[i] += async_group_term(sc[c], zc[c], d[int64_t(m0 + i) * groups + gc[c]], dot, xs);
+          acc[i] += async_group_term(sc[c], zc[c], d[int64_t(m0 + i) * groups + gc[c]], ts, dot, xs);
         }
       }
     }
@@ -131,6 +147,56 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
 #pragma unroll
     for (int off = kPieces / 2; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
     if (j == 0 && row < n && i < mb) IO::store(out, int64_t(m0 + i) * n + row, acc[i]);
+  }
+}
+
+// Mixed layout: one warp per weight row, lane (r, j) = (lane / 8, lane % 8) takes word j of segment run s0 + r,
+// 4 runs per step: 4 codes by one 32-bit load, shift and mask, dp4a against the 4 activations of its K-run, the
+// group's scale, zero and d applied per run.
+constexpr int kMixedWarps = 4;  // weight rows per CUDA block
+
+template <typename IO>
+__global__ void __launch_bounds__(kMixedWarps * 32) mixed_gemm_kernel(
+    const int8_t* __restrict__ xq, const float* __restrict__ d, const uint8_t* __restrict__ packed,
+    const int32_t* __restrict__ runs4, const int32_t* __restrict__ runs2, int r4, int r2,
+    const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros, typename IO::storage* __restrict__ out,
+    int m, int n, int kp, int groups, int group_size) {
+  const int lane = threadIdx.x % 32, row = blockIdx.x * kMixedWarps + threadIdx.x / 32;
+  if (row >= n) return;  // a whole warp: no block-wide synchronization below
+  const int m0 = blockIdx.y * kMb, mb = min(kMb, m - m0);
+  const int j = lane % 8, rl = lane / 8;
+  const int64_t seg2 = aligned_words_per_row(32 * int64_t(r4), 4) * 4;
+  const uint8_t* base = packed + int64_t(row) * (mixed_aligned_words(r4, r2) * 4);
+  float acc[kMb] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int sg = 0; sg < 2; ++sg) {
+    const int bits = sg == 0 ? 4 : 2, count = sg == 0 ? r4 : r2;
+    const int32_t* runs = sg == 0 ? runs4 : runs2;
+    const uint8_t* codes = base + (sg == 0 ? 0 : seg2);
+    const uint32_t mask = bits == 2 ? 0x03030303u : 0x0f0f0f0fu;
+    for (int s0 = 0; s0 < count; s0 += 4) {
+      const int sr = s0 + rl;
+      if (sr >= count) break;
+      const int64_t col = 32 * int64_t(sr) + 4 * j;  // column inside the segment
+      const uint32_t w = (__ldg(reinterpret_cast<const uint32_t*>(codes + aligned_byte(col, bits))) >>
+                          aligned_shift(col, bits)) & mask;
+      const int kr = __ldg(runs + sr), g = kr * 32 / group_size;
+      const float sc = half_to_float(scales[int64_t(row) * groups + g]);
+      const float zc = half_to_float(zeros[int64_t(row) * groups + g]);
+#pragma unroll
+      for (int i = 0; i < kMb; ++i) {
+        if (i >= mb) break;
+        const uint32_t x4 = *reinterpret_cast<const uint32_t*>(xq + int64_t(m0 + i) * kp + 32 * int64_t(kr) + 4 * j);
+        acc[i] += async_group_term(sc, zc, d[int64_t(m0 + i) * groups + g], 1.0f, dot4_i8(w, x4),
+                                   dot4_i8(0x01010101u, x4));
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kMb; ++i) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
+    if (lane == 0 && i < mb) IO::store(out, int64_t(m0 + i) * n + row, acc[i]);
   }
 }
 
@@ -165,17 +231,38 @@ void quantize(const TensorView& x, const TensorView& xq, const TensorView& d, in
   cuda_check_launch("quantize_activations_kernel");
 }
 
-template <typename IO>
-void gemm(const TensorView& xq, const TensorView& d, const TensorView& packed, const TensorView& scales,
-          const TensorView& zeros, const TensorView& out, int64_t k, int bits, int group_size, cudaStream_t stream) {
-  const int m = int(xq.size(0)), n = int(packed.size(0));
+template <typename IO, int BITS, bool TABLE>
+void launch(const AsyncGemmOperands& op, cudaStream_t stream) {
+  const int m = int(op.xq.size(0)), n = int(op.packed.size(0));
   const dim3 grid(unsigned((n + kRows - 1) / kRows), unsigned((m + kMb - 1) / kMb));
-  auto kernel = bits == 2 ? async_dequant_gemm_kernel<IO, 2> : async_dequant_gemm_kernel<IO, 4>;
-  kernel<<<grid, kThreads, 0, stream>>>(
-      xq.ptr<int8_t>(), d.ptr<float>(), static_cast<const uint8_t*>(packed.data), scales.ptr<uint16_t>(),
-      zeros.ptr<uint16_t>(), static_cast<typename IO::storage*>(out.data), m, n, int(k), int(xq.size(1)),
-      int(d.size(1)), group_size);
+  async_dequant_gemm_kernel<IO, BITS, TABLE><<<grid, kThreads, 0, stream>>>(
+      op.xq.ptr<int8_t>(), op.d.ptr<float>(), static_cast<const uint8_t*>(op.packed.data),
+      op.scales.ptr<uint16_t>(), op.zeros ? op.zeros->ptr<uint16_t>() : nullptr,
+      TABLE ? static_cast<const uint32_t*>(op.table_q->data) : nullptr,
+      TABLE ? op.table_scale->ptr<float>() : nullptr, static_cast<typename IO::storage*>(op.out.data), m, n,
+      int(op.k), int(op.xq.size(1)), int(op.d.size(1)), op.group_size);
   cuda_check_launch("async_dequant_gemm_kernel");
+}
+
+template <typename IO>
+void gemm(const AsyncGemmOperands& op, cudaStream_t stream) {
+  const bool table = op.table_q != nullptr;
+  if (op.bits == 2)
+    table ? launch<IO, 2, true>(op, stream) : launch<IO, 2, false>(op, stream);
+  else
+    table ? launch<IO, 4, true>(op, stream) : launch<IO, 4, false>(op, stream);
+}
+
+template <typename IO>
+void mixed(const MixedGemmOperands& op, cudaStream_t stream) {
+  const int m = int(op.xq.size(0)), n = int(op.packed.size(0));
+  const dim3 grid(unsigned((n + kMixedWarps - 1) / kMixedWarps), unsigned((m + kMb - 1) / kMb));
+  mixed_gemm_kernel<IO><<<grid, kMixedWarps * 32, 0, stream>>>(
+      op.xq.ptr<int8_t>(), op.d.ptr<float>(), static_cast<const uint8_t*>(op.packed.data), op.runs4.ptr<int32_t>(),
+      op.runs2.ptr<int32_t>(), int(op.runs4.size(0)), int(op.runs2.size(0)), op.scales.ptr<uint16_t>(),
+      op.zeros.ptr<uint16_t>(), static_cast<typename IO::storage*>(op.out.data), m, n, int(op.xq.size(1)),
+      int(op.d.size(1)), op.group_size);
+  cuda_check_launch("mixed_gemm_kernel");
 }
 
 }  // namespace
@@ -191,16 +278,25 @@ void quantize_activations_cuda(const TensorView& x, const TensorView& xq, const 
   }
 }
 
-void async_dequant_gemm_cuda(const TensorView& xq, const TensorView& d, const TensorView& packed,
-                             const TensorView& scales, const TensorView& zeros, const TensorView& out, int64_t k,
-                             int bits, int group_size, int64_t stream) {
-  if (xq.size(0) == 0 || packed.size(0) == 0) return;
-  DeviceGuard guard(xq.device_id);
-  switch (out.dtype) {
-    case DType::f32: gemm<F32>(xq, d, packed, scales, zeros, out, k, bits, group_size, as_stream(stream)); break;
-    case DType::f16: gemm<F16>(xq, d, packed, scales, zeros, out, k, bits, group_size, as_stream(stream)); break;
-    case DType::bf16: gemm<BF16>(xq, d, packed, scales, zeros, out, k, bits, group_size, as_stream(stream)); break;
+void async_dequant_gemm_cuda(const AsyncGemmOperands& op, int64_t stream) {
+  if (op.xq.size(0) == 0 || op.packed.size(0) == 0) return;
+  DeviceGuard guard(op.xq.device_id);
+  switch (op.out.dtype) {
+    case DType::f32: gemm<F32>(op, as_stream(stream)); break;
+    case DType::f16: gemm<F16>(op, as_stream(stream)); break;
+    case DType::bf16: gemm<BF16>(op, as_stream(stream)); break;
     default: throw type_error("async_dequant_gemm: out must be float32, float16 or bfloat16");
+  }
+}
+
+void mixed_gemm_cuda(const MixedGemmOperands& op, int64_t stream) {
+  if (op.xq.size(0) == 0 || op.packed.size(0) == 0) return;
+  DeviceGuard guard(op.xq.device_id);
+  switch (op.out.dtype) {
+    case DType::f32: mixed<F32>(op, as_stream(stream)); break;
+    case DType::f16: mixed<F16>(op, as_stream(stream)); break;
+    case DType::bf16: mixed<BF16>(op, as_stream(stream)); break;
+    default: throw type_error("mixed_gemm: out must be float32, float16 or bfloat16");
   }
 }
 

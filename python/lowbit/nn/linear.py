@@ -9,10 +9,11 @@ import torch
 from torch import nn
 
 from lowbit.formats import TENSOR_NAMES, QuantizedWeight
-from lowbit.ops import prepare_async_dequant, randomized_hadamard_transform
+from lowbit.ops import prepare_async_dequant, prepare_lut_table, prepare_mixed_gemm, randomized_hadamard_transform
 from lowbit.ops.async_dequant import ASYNC_DEQUANT_BITS, async_dequant_gemm_unchecked
 from lowbit.ops.hadamard import check_hadamard_size, hadamard_unchecked
 from lowbit.ops.lut_gemm import lut_gemm_unchecked
+from lowbit.ops.mixed_gemm import mixed_gemm_unchecked
 from lowbit.ops.vq_gemm import vq_gemm_unchecked
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -21,13 +22,14 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class QuantLinear(nn.Module):
     """y = x W^T + b with W given by a QuantizedWeight; never materializes the dense weight in forward.
 
-    ``uniform`` and ``lut`` weights run through :func:`lowbit.ops.lut_gemm` (an affine weight is the identity
-    table with per-group zeros), except 2- and 4-bit ``uniform`` ones: they are re-laid once into the aligned
-    layout and run through :func:`lowbit.ops.async_dequant_gemm` (activations rounded to int8 per group, about
-    0.5-1% relative error on the output, for a GEMV 2-3x faster than the LUT kernel; ``float_activations=True``
-    keeps the LUT kernel and unrounded activations). ``mixed`` weights are split once, at construction, into
-    their 4-bit and 2-bit groups (groups sorted by width, order kept inside each width), each a uniform matrix run
-    by the kernel of its width on the matching columns of x. ``vq`` weights run through
+    2- and 4-bit ``uniform`` and ``lut`` weights are re-laid once into the aligned layout and run through
+    :func:`lowbit.ops.async_dequant_gemm` (activations rounded to int8 per group, a ``lut`` table to int8 once:
+    about 0.5-1% relative error on the output, for a GEMV 2-3x faster than the fp32 LUT kernel);
+    ``float_activations=True``, and 3-bit weights, run :func:`lowbit.ops.lut_gemm` on the unrounded activations
+    (an affine weight is the identity table with per-group zeros). ``mixed`` weights run through
+    :func:`lowbit.ops.mixed_gemm`, one int8-activation kernel over both widths (re-laid once); with
+    ``float_activations`` they are split into their 4-bit and 2-bit groups instead, each a uniform matrix run by
+    the LUT kernel on the matching columns of x. ``vq`` weights run through
     :func:`lowbit.ops.vq_gemm` straight from their codes and codebooks. With incoherence signs, x is rotated by
     H_K diag(s_in) first and the output by diag(s_out) H_N^T after (the QuIP transform the quantizer applied to W).
     The weight's operands (and signs) are checked and laid out once, at construction; forward checks only x and
@@ -40,8 +42,9 @@ class QuantLinear(nn.Module):
         bias: optional bias [out_features].
         signs_in / signs_out: +-1 vectors [in_features] / [out_features] when the weight is incoherence-processed.
         input_perm: a permutation of range(in_features) (int64 [in_features]) when the stored columns are permuted.
-        float_activations: run 2/4-bit uniform weights through the LUT kernel on the unrounded activations
-            instead of the int8-activation async kernel (slower; a run-time choice, not stored in checkpoints).
+        float_activations: run 2/4-bit uniform, lut and mixed weights through the LUT kernel on the unrounded
+            activations instead of the int8-activation kernels (slower; a run-time choice, not stored in
+            checkpoints).
     """
 
     def __init__(self, weight: QuantizedWeight, bias: Optional[torch.Tensor] = None,
@@ -94,11 +97,12 @@ class QuantLinear(nn.Module):
         t, gs = {name: v.contiguous() for name, v in w.tensors.items()}, w.group_size
         if w.format == "vq":
             return [(None, vq_gemm_unchecked, (t["codes"], t["codebooks"], t["scales"], "auto"))]
-        if w.format == "lut":
-            return [(None, lut_gemm_unchecked, (t["packed"], t["scales"], None, t["table"], w.config["bits"], gs))]
-        if w.format == "uniform":
-            return [(None, *_uniform_gemm(t["packed"], t["scales"], t["zeros"], w.config["bits"], gs,
-                                          w.in_features, self.float_activations))]
+        if w.format in ("uniform", "lut"):
+            return [(None, *_grouped_gemm(t["packed"], t["scales"], t.get("zeros"), t.get("table"),
+                                          w.config["bits"], gs, w.in_features, self.float_activations))]
+        if not self.float_activations:
+            mixed = prepare_mixed_gemm(t["packed"], t["group_bits"], gs, w.in_features)
+            return [(None, mixed_gemm_unchecked, (*mixed, t["scales"], t["zeros"], gs))]
         codes, gb, k = w.codes(), t["group_bits"].tolist(), w.in_features
         parts = []
         for bits in (4, 2):
@@ -108,13 +112,13 @@ class QuantLinear(nn.Module):
             cols = torch.cat([torch.arange(g * gs, min(k, (g + 1) * gs)) for g in groups]).to(w.device)
             sub = QuantizedWeight.uniform(codes[:, cols.cpu()].cpu(), t["scales"][:, groups].cpu(),
                                           t["zeros"][:, groups].cpu(), bits, gs).to(w.device)
-            parts.append((cols, *_uniform_gemm(sub.tensors["packed"], sub.tensors["scales"], sub.tensors["zeros"],
-                                               bits, gs, len(cols), self.float_activations)))
+            parts.append((cols, *_grouped_gemm(sub.tensors["packed"], sub.tensors["scales"], sub.tensors["zeros"],
+                                               None, bits, gs, len(cols), self.float_activations)))
         return parts
 
     def set_float_activations(self, enabled: bool = True) -> "QuantLinear":
-        """Switches 2/4-bit uniform weights between the LUT kernel on unrounded activations (True) and the faster
-        int8-activation async kernel (False, the default); returns self."""
+        """Switches 2/4-bit uniform, lut and mixed weights between the LUT kernel on unrounded activations (True)
+        and the faster int8-activation kernels (False, the default); returns self."""
         if not isinstance(enabled, bool):
             raise TypeError(f"enabled must be a bool, got {enabled!r}")
         self.float_activations = enabled
@@ -124,7 +128,7 @@ class QuantLinear(nn.Module):
     @property
     def int8_activations(self) -> bool:
         """True when forward rounds x to int8 per group (some part of the weight runs the async kernel)."""
-        return any(gemm is async_dequant_gemm_unchecked for _, gemm, _ in self._parts)
+        return any(gemm in (async_dequant_gemm_unchecked, mixed_gemm_unchecked) for _, gemm, _ in self._parts)
 
     def _apply(self, fn: Callable, recurse: bool = True):
         super()._apply(fn, recurse)
@@ -191,15 +195,21 @@ def _check_permutation(perm: torch.Tensor, n: int) -> None:
         raise ValueError(f"input_perm must be a permutation of 0..{n - 1}")
 
 
-def _uniform_gemm(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
-                  k: int, float_activations: bool) -> tuple[Callable, tuple[Any, ...]]:
-    """The fused GEMM of a uniform weight and its arguments: the async-dequant kernel over the aligned layout at
-    2 and 4 bits (unless float_activations), the LUT kernel with the identity table otherwise."""
-    scales, zeros = scales.contiguous(), zeros.contiguous()
+def _grouped_gemm(packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                  table: Optional[torch.Tensor], bits: int, group_size: int, k: int,
+                  float_activations: bool) -> tuple[Callable, tuple[Any, ...]]:
+    """The fused GEMM of a uniform (table None: the codes are the values) or lut weight and its arguments: the
+    async-dequant kernel over the aligned layout at 2 and 4 bits (unless float_activations; a table is rounded to
+    int8 there), the LUT kernel otherwise (uniform: with the identity table)."""
+    scales = scales.contiguous()
+    zeros = zeros.contiguous() if zeros is not None else None
     if bits in ASYNC_DEQUANT_BITS and not float_activations:
-        return async_dequant_gemm_unchecked, (prepare_async_dequant(packed, k, bits), scales, zeros, bits, group_size)
-    table = torch.arange(2**bits, dtype=torch.float32, device=packed.device)
-    return lut_gemm_unchecked, (packed.contiguous(), scales, zeros, table, bits, group_size)
+        tables = prepare_lut_table(table, bits) if table is not None else (None, None)
+        return async_dequant_gemm_unchecked, (prepare_async_dequant(packed, k, bits), scales, zeros, *tables, bits,
+                                              group_size)
+    if table is None:
+        table = torch.arange(2**bits, dtype=torch.float32, device=packed.device)
+    return lut_gemm_unchecked, (packed.contiguous(), scales, zeros, table.contiguous(), bits, group_size)
 
 
 def _check_signs(name: str, signs: torch.Tensor, n: int) -> None:

@@ -11,7 +11,8 @@ from lowbit.ops.vq_gemm import (VQ_CODEBOOKS, VQ_MAX_ENTRIES, VQ_MIN_ENTRIES, VQ
                                 vq_dequantize, vq_gemm, vq_gemm_cpu_strategy)
 from lowbit.ops.async_dequant import (ASYNC_DEQUANT_BITS, ASYNC_DEQUANT_GROUP_SIZES, aligned_from_codes,
                                      aligned_words_per_row, async_dequant_gemm, prepare_async_dequant,
-                                     quantize_activations)
+                                     prepare_lut_table, quantize_activations)
+from lowbit.ops.mixed_gemm import MixedGemmWeight, mixed_aligned_words, mixed_gemm, prepare_mixed_gemm
 from lowbit.ops.kv import (KV_BITS, KV_GROUP_SIZES, KV_HEAD_DIMS, kv_dequantize_keys, kv_dequantize_values,
                            kv_quantize_keys, kv_quantize_values, quantized_attention_decode)
 
@@ -24,5 +25,7 @@ __all__ = ["hadamard_transform", "randomized_hadamard_transform", "random_signs"
            "VQ_MAX_ENTRIES", "VQ_STRATEGIES",
            "kv_quantize_keys", "kv_quantize_values", "kv_dequantize_keys", "kv_dequantize_values",
            "quantized_attention_decode", "KV_BITS", "KV_GROUP_SIZES", "KV_HEAD_DIMS",
-           "async_dequant_gemm", "prepare_async_dequant", "aligned_from_codes", "aligned_words_per_row",
-           "quantize_activations", "ASYNC_DEQUANT_BITS", "ASYNC_DEQUANT_GROUP_SIZES"]
+           "async_dequant_gemm", "prepare_async_dequant", "prepare_lut_table", "aligned_from_codes",
+           "aligned_words_per_row",
+           "quantize_activations", "ASYNC_DEQUANT_BITS", "ASYNC_DEQUANT_GROUP_SIZES",
+           "mixed_gemm", "prepare_mixed_gemm", "MixedGemmWeight", "mixed_aligned_words"]

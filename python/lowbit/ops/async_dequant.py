@@ -12,10 +12,15 @@ Precision: x is rounded per (row, group) to int8 with scale max|x| / 127 (:func:
 is then exact in integers inside a group and fp32 across groups. The result equals ``x_q @ W_hat.T`` for the
 rounded activations x_q to fp32 rounding; against the unrounded x it differs by at most
 ``sum_g |W_hat| * d_g / 2`` per output, about 0.4% of the group's largest activation per weight.
+
+Table mode (the ``lut`` format: ``W_hat = scales * (table[q] - zeros)``, e.g. NF2/NF4): the table is rounded
+once to int8 (:func:`prepare_lut_table`: scale max|table| / 127) and the kernel looks codes up in registers
+(``vpshufb`` on CPU, ``prmt`` on CUDA), so it is the LUT GEMM for int8 activations, exact in integers for the
+rounded table; each weight moves by at most ``scales * max|table| / 254`` from the fp32 table's value.
 """
 from __future__ import annotations
 
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -60,6 +65,8 @@ def aligned_from_codes(codes: torch.Tensor, bits: int = 2) -> torch.Tensor:
     n, k = codes.shape
     chunk, runs = 256 // bits, 8 // bits
     kp = -(-k // chunk) * chunk
+    if kp == 0 or n == 0:
+        return torch.zeros(n, kp // chunk * 8, dtype=torch.int32, device=codes.device)
     padded = torch.zeros(n, kp, dtype=torch.uint8, device=codes.device)
     padded[:, :k] = codes
     by_run = padded.view(n, kp // chunk, runs, 32)  # [n, chunk, c, j]: k = chunk_codes * t + 32 * c + j
@@ -93,12 +100,32 @@ def _(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
             x.new_empty(m, -(-k // group_size), dtype=torch.float32))
 
 
-def _async_dequant_gemm_impl(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                             bits: int, group_size: int) -> torch.Tensor:
+def prepare_lut_table(table: Array, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table_q int8 [16], table_scale float32 [1]) of a float table [2 ** bits], on its device: table_scale =
+    max|table| / 127 (1 for an all-zero table), table_q[i] = rint(table[i mod 2 ** bits] / table_scale). What the
+    table mode of :func:`async_dequant_gemm` multiplies; done once, at load time."""
+    _check_bits(bits)
+    t = as_tensor(table, "table")
+    if not t.dtype.is_floating_point or list(t.shape) != [2**bits]:
+        raise ValueError(f"table must be a float tensor of shape [{2**bits}], got {t.dtype} of shape "
+                         f"{list(t.shape)}")
+    t = t.float()
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError("table must be finite")
+    amax = t.abs().max()
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).reshape(1)
+    q = torch.clamp(torch.round(t / scale), -127, 127).to(torch.int8)
+    return q.repeat(16 // 2**bits).contiguous(), scale.contiguous()
+
+
+def _async_dequant_gemm_impl(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                             zeros: Optional[torch.Tensor], table_q: Optional[torch.Tensor],
+                             table_scale: Optional[torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
     xq, d = _quantize_activations_impl(x, group_size)
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
-    _C.async_dequant_gemm(capsule(xq), capsule(d), capsule(packed), capsule(scales), capsule(zeros), capsule(out),
-                          x.shape[1], bits, group_size, stream_of(x))
+    _C.async_dequant_gemm(capsule(xq), capsule(d), capsule(packed), capsule(scales), capsule(zeros),
+                          capsule(table_q), capsule(table_scale), capsule(out), x.shape[1], bits, group_size,
+                          stream_of(x))
     return out
 
 
@@ -110,7 +137,7 @@ async_dequant_gemm_unchecked = eager_fast_path(_async_dequant_gemm_op, _async_de
 
 
 @_async_dequant_gemm_op.register_fake
-def _(x, packed, scales, zeros, bits, group_size):
+def _(x, packed, scales, zeros, table_q, table_scale, bits, group_size):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
@@ -123,16 +150,38 @@ def quantize_activations(x: Array, group_size: int) -> tuple[torch.Tensor, torch
     return _quantize_activations_op(t.contiguous(), _check_group_size(group_size))
 
 
-def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, group_size: int,
-                       bits: int = 2) -> Array:
-    """``x @ W_hat.T`` for a 2- or 4-bit weight ``W_hat = scales * (q - zeros)`` in the aligned layout.
+def check_group_params(scales: Array, zeros: Optional[Array], n: int, groups: int,
+                       device: torch.device) -> list[Optional[torch.Tensor]]:
+    """[scales, zeros] checked as float16 [n, groups] on `device` (zeros may be None) and made contiguous."""
+    params: list[Optional[torch.Tensor]] = []
+    for name, v in (("scales", scales), ("zeros", zeros)):
+        if v is None and name == "zeros":
+            params.append(None)
+            continue
+        v = as_tensor(v, name)
+        if v.dtype != torch.float16:
+            raise TypeError(f"{name} must have dtype float16, got {v.dtype}")
+        if list(v.shape) != [n, groups]:
+            raise ValueError(f"{name} must have shape [{n}, {groups}], got {list(v.shape)}")
+        if v.device != device:
+            raise ValueError(f"{name} must be on the device of x ({device}), got {v.device}")
+        params.append(v.contiguous())
+    return params
+
+
+def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Optional[Array], group_size: int,
+                       bits: int = 2, table: Optional[Array] = None) -> Array:
+    """``x @ W_hat.T`` for a 2- or 4-bit weight in the aligned layout: ``W_hat = scales * (q - zeros)``
+    (``uniform``), or ``scales * (table[q] - zeros)`` with a table (``lut``, the table rounded to int8).
 
     Args:
         x: float32, float16 or bfloat16 activations [..., K] (numpy arrays give numpy results).
         packed: int32 [N, aligned_words_per_row(K, bits)], from :func:`prepare_async_dequant` or
             :func:`aligned_from_codes`.
-        scales, zeros: float16 [N, ceil(K/group_size)] (the ``uniform`` format's; the last group may be short).
+        scales: float16 [N, ceil(K/group_size)] (the last group may be short). zeros: float16 like scales, or
+            None for zero = 0.
         group_size: 32, 64 or 128. bits: 2 (default) or 4.
+        table: None (the codes are the values) or a float table [2 ** bits] (see :func:`prepare_lut_table`).
 
     Returns:
         [..., N] in the dtype of x (activations rounded to int8 per group first; see the module docstring).
@@ -153,25 +202,21 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Array, gro
         if p.dtype not in (torch.int32, torch.uint32) or p.dim() != 2 or p.shape[1] != words:
             raise ValueError(f"packed must be int32 [N, {words}] (aligned {bits}-bit layout for K = {k}), "
                              f"got {p.dtype} of shape {list(p.shape)}")
-        groups = -(-k // group_size)
-        params = []
-        for name, v in (("scales", scales), ("zeros", zeros)):
-            v = as_tensor(v, name)
-            if v.dtype != torch.float16:
-                raise TypeError(f"{name} must have dtype float16, got {v.dtype}")
-            if list(v.shape) != [p.shape[0], groups]:
-                raise ValueError(f"{name} must have shape [{p.shape[0]}, {groups}], got {list(v.shape)}")
-            if v.device != t.device:
-                raise ValueError(f"{name} must be on the device of x ({t.device}), got {v.device}")
-            params.append(v.contiguous())
         if p.device != t.device:
             raise ValueError(f"packed must be on the device of x ({t.device}), got {p.device}")
+        params = check_group_params(scales, zeros, p.shape[0], -(-k // group_size), t.device)
+        tables = (None, None)
+        if table is not None:
+            tv = as_tensor(table, "table")
+            if tv.device != t.device:
+                raise ValueError(f"table must be on the device of x ({t.device}), got {tv.device}")
+            tables = prepare_lut_table(tv, bits)
         y = async_dequant_gemm_unchecked(t.reshape(-1, k).contiguous(), p.contiguous().view(torch.int32), *params,
-                                         bits, group_size)
+                                         *tables, bits, group_size)
         return y.reshape(*t.shape[:-1], p.shape[0])
 
     return with_numpy(run, x)
 
 
-__all__ = ["async_dequant_gemm", "prepare_async_dequant", "aligned_from_codes", "aligned_words_per_row",
+__all__ = ["async_dequant_gemm", "prepare_async_dequant", "prepare_lut_table", "aligned_from_codes", "aligned_words_per_row",
            "quantize_activations", "ASYNC_DEQUANT_BITS", "ASYNC_DEQUANT_GROUP_SIZES"]
