@@ -1,14 +1,15 @@
 """Quantized GEMM speed (y = x W^T) on the shapes of a 7B model's linears, M = 1, 4, 16, 64 rows of x: lowbit's
 LUT GEMM at 2/3/4 bits (affine codes, group 128; fp32 activations), the LUT GEMM for int8 activations (NF2/NF4
-tables through the async kernel's table mode), the async-dequant 2/4-bit GEMM (int8 activations) and VQ GEMM
-(2 bits/weight) against torch dense fp32 and bf16
+tables through the async kernel's table mode), the async-dequant 2/4-bit GEMM (int8 activations), the mixed
+2/4-bit GEMM (2.5 bits on average) and VQ GEMM (2 bits/weight) against torch dense fp32 and bf16
 and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through more memory than the L3
 (bench/memory.py), so the numbers are what a decoding step sees; GB/s counts the bytes of the weight's storage
 (codes + scales + zeros, or the dense matrix) and `of_bw` is that over the measured read bandwidth."""
 import pytest
 import torch
 
-from lowbit.ops import aligned_from_codes, async_dequant_gemm, lut_gemm, nf_table, pack_uniform, vq_gemm
+from lowbit.ops import (MixedGemmWeight, aligned_from_codes, async_dequant_gemm, lut_gemm, mixed_gemm, nf_table, pack_mixed,
+                        pack_uniform, prepare_mixed_gemm, vq_gemm)
 from memory import cycling, nbytes, read_bandwidth
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
@@ -81,6 +82,27 @@ def test_lowbit_lut_gemm_int8(benchmark, k, n, m, bits):
     table = nf_table(bits)
     x = torch.randn(m, k)
     _run(benchmark, operands, lambda x, p, s: async_dequant_gemm(x, p, s, None, GROUP, bits=bits, table=table), x)
+    _report(benchmark, nbytes(operands()))
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
+@pytest.mark.parametrize("bits", [2.5])
+def test_lowbit_mixed_gemm(benchmark, k, n, m, bits):
+    """Mixed 2/4-bit weights averaging `bits` (a quarter of the groups 4-bit at 2.5), one kernel, int8 x."""
+    _case(benchmark, k, n, m)
+    g = -(-k // GROUP)
+    widths = [4 if (i * (bits - 2) / 2) % 1 + (bits - 2) / 2 >= 1 else 2 for i in range(g)]
+    cols = torch.tensor([widths[c // GROUP] for c in range(k)])
+
+    def make():
+        codes = (torch.rand(n, k) * 2.0**cols).floor().to(torch.uint8)
+        weight = prepare_mixed_gemm(pack_mixed(codes, widths, GROUP), widths, GROUP, k)
+        return *weight, (torch.rand(n, g) * 0.01).half(), torch.full((n, g), 1.0).half()
+
+    operands = cycling(make)
+    x = torch.randn(m, k)
+    _run(benchmark, operands, lambda x, p, r4, r2, s, z: mixed_gemm(x, MixedGemmWeight(p, r4, r2), s, z, GROUP), x)
     _report(benchmark, nbytes(operands()))
 
 

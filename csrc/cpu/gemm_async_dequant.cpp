@@ -40,15 +40,13 @@ struct RowsFnTable {
   RowsFn by_mr[kMaxMr];  // by rows of x - 1
 };
 
-// Mixed layout: the consecutive segment runs [first, first + count) of one K-group, and one segment.
-struct GroupRuns {
-  int64_t group, first, count;
-};
+// One segment of a mixed row: per segment run s, the xq column it multiplies (32 runs[s]) and, at the last run
+// of a K-group, that group (else -1): the group's sums are scaled and flushed there.
 struct MixedSegment {
-  int64_t byte_offset;      // of the segment inside a row
-  const int32_t* runs;      // K-run of each segment run
-  const GroupRuns* groups;  // in segment order
-  int64_t ngroups;
+  int64_t byte_offset;  // of the segment inside a row
+  int64_t count;        // runs
+  const int64_t* xcol;
+  const int32_t* group_end;
 };
 
 struct AsyncArgs {
@@ -104,7 +102,7 @@ void rows_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
   for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = a.ts * acc[i] - corr[i];
 }
 
-// Mixed layout: both segments, 4 columns at a time; segment run s reads the activations of K-run runs[s].
+// Mixed layout: both segments, 4 columns at a time; segment run s reads the activations at xcol[s].
 template <int MR>
 void rows_mixed_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
   float acc[MR] = {};
@@ -112,20 +110,23 @@ void rows_mixed_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
     const MixedSegment& seg = a.mixed[sg];
     const int bits = sg == 0 ? 4 : 2;
     const uint8_t* codes = a.packed + row * a.row_bytes + seg.byte_offset;
-    for (int64_t gi = 0; gi < seg.ngroups; ++gi) {
-      const GroupRuns& gr = seg.groups[gi];
-      int32_t dot[MR] = {};
-      for (int64_t r = gr.first; r < gr.first + gr.count; ++r)
-        for (int j = 0; j < 32; j += 4) {
-          const uint32_t w = aligned_codes4(codes, 32 * r + j, bits);
-          for (int i = 0; i < MR; ++i) {
-            uint32_t x4;
-            std::memcpy(&x4, a.xq + (m0 + i) * a.kp + 32 * int64_t(seg.runs[r]) + j, 4);
-            dot[i] += dot4_i8(w, x4);
-          }
+    int32_t dot[MR] = {};
+    for (int64_t r = 0; r < seg.count; ++r) {
+      for (int j = 0; j < 32; j += 4) {
+        const uint32_t w = aligned_codes4(codes, 32 * r + j, bits);
+        for (int i = 0; i < MR; ++i) {
+          uint32_t x4;
+          std::memcpy(&x4, a.xq + (m0 + i) * a.kp + seg.xcol[r] + j, 4);
+          dot[i] += dot4_i8(w, x4);
         }
-      const float sc = half_to_float(a.scales[row * a.groups + gr.group]);
-      for (int i = 0; i < MR; ++i) acc[i] += sc * a.d[(m0 + i) * a.groups + gr.group] * float(dot[i]);
+      }
+      const int32_t g = seg.group_end[r];
+      if (g < 0) continue;
+      const float sc = half_to_float(a.scales[row * a.groups + g]);
+      for (int i = 0; i < MR; ++i) {
+        acc[i] += sc * a.d[(m0 + i) * a.groups + g] * float(dot[i]);
+        dot[i] = 0;
+      }
     }
   }
   float corr[MR];
@@ -233,22 +234,35 @@ LOWBIT_AVX2 void rows_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
   for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = a.ts * hsum(acc[i]) - corr[i];
 }
 
-// One segment of a mixed row (width BITS) into acc: per group, its runs in int16 lanes, then scale * d.
+// One segment of a mixed row (width BITS) into acc: chunk by chunk (the runs of a chunk by immediate shifts),
+// each run's int16 sums against its activations, scaled by scale * d and flushed at the last run of a group.
 template <int MR, int BITS>
 LOWBIT_AVX2 inline void mixed_segment_avx2(const AsyncArgs& a, const MixedSegment& seg, int64_t row, int64_t m0,
                                            __m256* acc) {
+  constexpr int kRuns = 8 / BITS;
   const uint8_t* codes = a.packed + row * a.row_bytes + seg.byte_offset;
-  const __m256i ones = _mm256_set1_epi16(1), none = _mm256_setzero_si256();
-  for (int64_t gi = 0; gi < seg.ngroups; ++gi) {
-    const GroupRuns& gr = seg.groups[gi];
-    __m256i sum[MR];
-    for (int i = 0; i < MR; ++i) sum[i] = _mm256_setzero_si256();
-    for (int64_t r = gr.first; r < gr.first + gr.count; ++r)
-      add_run<MR, BITS, false>(a, codes, m0, r, seg.runs[r], none, sum);
-    const float sc = _cvtsh_ss(a.scales[row * a.groups + gr.group]);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], ones));
-      acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * a.d[(m0 + i) * a.groups + gr.group]), dot, acc[i]);
+  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8((1 << BITS) - 1);
+  __m256i sum[MR];
+  for (int i = 0; i < MR; ++i) sum[i] = _mm256_setzero_si256();
+  for (int64_t t = 0; t * kRuns < seg.count; ++t) {
+    const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * t));
+#pragma GCC unroll 4
+    for (int c = 0; c < kRuns; ++c) {
+      const int64_t r = t * kRuns + c;
+      if (r >= seg.count) break;
+      const __m256i q = _mm256_and_si256(_mm256_srli_epi16(chunk, c * BITS), mask);
+      for (int i = 0; i < MR; ++i) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + seg.xcol[r]));
+        sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(q, x));
+      }
+      const int32_t g = seg.group_end[r];
+      if (g < 0) continue;
+      const float sc = _cvtsh_ss(a.scales[row * a.groups + g]);
+      for (int i = 0; i < MR; ++i) {
+        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], ones));
+        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * a.d[(m0 + i) * a.groups + g]), dot, acc[i]);
+        sum[i] = _mm256_setzero_si256();
+      }
     }
   }
 }
@@ -392,15 +406,19 @@ const RowsKernels& kernels() {
   return k;
 }
 
-// The groups of a mixed segment: consecutive runs of the same K-group.
-std::vector<GroupRuns> segment_groups(const int32_t* runs, int64_t count, int group_size) {
-  std::vector<GroupRuns> groups;
+// The per-run tables of a mixed segment: xq column of each run, and the group ending at each run (else -1).
+struct SegmentTables {
+  std::vector<int64_t> xcol;
+  std::vector<int32_t> group_end;
+};
+SegmentTables segment_tables(const int32_t* runs, int64_t count, int group_size) {
+  SegmentTables t{std::vector<int64_t>(size_t(count)), std::vector<int32_t>(size_t(count), -1)};
   for (int64_t r = 0; r < count; ++r) {
-    const int64_t g = int64_t(runs[r]) * 32 / group_size;
-    if (groups.empty() || groups.back().group != g) groups.push_back({g, r, 0});
-    ++groups.back().count;
+    t.xcol[size_t(r)] = 32 * int64_t(runs[r]);
+    const int32_t g = int32_t(int64_t(runs[r]) * 32 / group_size);
+    if (r + 1 == count || int64_t(runs[r + 1]) * 32 / group_size != g) t.group_end[size_t(r)] = g;
   }
-  return groups;
+  return t;
 }
 
 }  // namespace
@@ -432,11 +450,10 @@ void mixed_gemm_cpu(const MixedGemmOperands& op) {
   const int8_t* xqp = op.xq.ptr<int8_t>();
   const float* dp = op.d.ptr<float>();
   const std::vector<float> u = group_sums(xqp, dp, m, kp, k, groups, op.group_size);
-  const std::vector<GroupRuns> g4 = segment_groups(op.runs4.ptr<int32_t>(), r4, op.group_size);
-  const std::vector<GroupRuns> g2 = segment_groups(op.runs2.ptr<int32_t>(), r2, op.group_size);
-  const MixedSegment segments[2] = {
-      {0, op.runs4.ptr<int32_t>(), g4.data(), int64_t(g4.size())},
-      {aligned_words_per_row(32 * r4, 4) * 4, op.runs2.ptr<int32_t>(), g2.data(), int64_t(g2.size())}};
+  const SegmentTables t4 = segment_tables(op.runs4.ptr<int32_t>(), r4, op.group_size);
+  const SegmentTables t2 = segment_tables(op.runs2.ptr<int32_t>(), r2, op.group_size);
+  const MixedSegment segments[2] = {{0, r4, t4.xcol.data(), t4.group_end.data()},
+                                    {aligned_words_per_row(32 * r4, 4) * 4, r2, t2.xcol.data(), t2.group_end.data()}};
   AsyncArgs a{xqp, nullptr, kp, dp, u.data(), static_cast<const uint8_t*>(op.packed.data),
               mixed_aligned_words(r4, r2) * 4, op.scales.ptr<uint16_t>(), op.zeros.ptr<uint16_t>(), nullptr, 1.0f,
               groups, k, m, n, 0, op.group_size, nullptr, segments};
