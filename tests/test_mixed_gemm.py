@@ -160,6 +160,8 @@ def _args():
     (lambda a: a.update(weight=a["weight"]._replace(runs4=a["weight"].runs4.long())), "runs4 must be an int32",
      TypeError),
     (lambda a: a.update(weight=a["weight"]._replace(runs2=a["weight"].runs4.clone())), "each of the ceil", ValueError),
+    (lambda a: a.update(weight=a["weight"]._replace(runs4=a["weight"].runs4.flip(0))), "must each be increasing",
+     ValueError),
     (lambda a: a.update(weight=a["weight"]._replace(packed=a["weight"].packed[:, :-1])), r"packed must be int32 \[N",
      ValueError),
     (lambda a: a.update(scales=a["scales"].float()), "scales must have dtype float16", TypeError),
@@ -178,9 +180,14 @@ def test_native_checks_the_run_maps():
     w = a["weight"]
     base = [torch.zeros(2, 128, dtype=torch.int8), torch.zeros(2, 4)]
     tail = [a["scales"], a["zeros"], torch.zeros(2, 3)]
-    with pytest.raises(ValueError, match=r"each run of K \(0..3\) once, got runs2\[1\] = 0"):
-        lowbit._C.mixed_gemm(*map(dl, base + [w.packed, w.runs4, torch.tensor([1, 0], dtype=torch.int32)] + tail),
+    with pytest.raises(ValueError, match=r"runs2 must be increasing runs of K \(0..3\), got runs2\[1\] = 1"):
+        lowbit._C.mixed_gemm(*map(dl, base + [w.packed, w.runs4, torch.tensor([3, 1], dtype=torch.int32)] + tail),
                              128, 32, 0)
+    gs64 = [torch.zeros(2, 2), a["scales"][:, :2].contiguous(), a["zeros"][:, :2].contiguous()]
+    with pytest.raises(ValueError, match="the runs of K-group 0 must all be in runs4 or all in runs2"):
+        lowbit._C.mixed_gemm(*map(dl, [base[0], gs64[0], w.packed, torch.tensor([0, 2], dtype=torch.int32),
+                                       torch.tensor([1, 3], dtype=torch.int32), gs64[1], gs64[2], tail[2]]),
+                             128, 64, 0)
     with pytest.raises(ValueError, match=r"must hold the ceil\(K / 32\) = 4 runs"):
         lowbit._C.mixed_gemm(*map(dl, base + [w.packed, w.runs4, w.runs2[:1]] + tail), 128, 32, 0)
 

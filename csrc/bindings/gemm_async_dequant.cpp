@@ -141,17 +141,27 @@ void mixed_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule
   check_operand(runs4, xq, op, "runs4", "xq", {DType::i32}, {r4});
   check_operand(runs2, xq, op, "runs2", "xq", {DType::i32}, {r2});
   if (xq.device == Device::cpu) {  // CUDA tensors: lowbit.ops.mixed_gemm checks them (QuantLinear once)
-    std::vector<bool> seen(size_t(kruns), false);
-    for (const TensorView* runs : {&runs4, &runs2})
-      for (int64_t r = 0; r < runs->size(0); ++r) {
-        const int32_t v = runs->ptr<int32_t>()[r];
-        if (v < 0 || v >= kruns || seen[size_t(v)])
-          throw std::invalid_argument(std::string(op) + ": runs4 and runs2 must hold each run of K (0.." +
-                                      std::to_string(kruns - 1) + ") once, got " +
-                                      (runs == &runs4 ? "runs4[" : "runs2[") + std::to_string(r) +
+    // Each run of K once, each segment in increasing order, all runs of a K-group in one segment.
+    std::vector<int> segment_of_group(size_t(groups), -1);
+    int64_t total = 0;
+    for (int sg = 0; sg < 2; ++sg) {
+      const TensorView& runs = sg == 0 ? runs4 : runs2;
+      const char* name = sg == 0 ? "runs4" : "runs2";
+      for (int64_t r = 0; r < runs.size(0); ++r, ++total) {
+        const int32_t v = runs.ptr<int32_t>()[r];
+        const int32_t prev = r ? runs.ptr<int32_t>()[r - 1] : -1;
+        if (v <= prev || v >= kruns)
+          throw std::invalid_argument(std::string(op) + ": " + name + " must be increasing runs of K (0.." +
+                                      std::to_string(kruns - 1) + "), got " + name + "[" + std::to_string(r) +
                                       "] = " + std::to_string(v));
-        seen[size_t(v)] = true;
+        int& owner = segment_of_group[size_t(int64_t(v) * 32 / group_size)];
+        if (owner >= 0 && owner != sg)
+          throw std::invalid_argument(std::string(op) + ": the runs of K-group " +
+                                      std::to_string(int64_t(v) * 32 / group_size) +
+                                      " must all be in runs4 or all in runs2");
+        owner = sg;
       }
+    }
   }
   check_dtype(packed, op, "packed", {DType::i32, DType::u32});
   check_ndim(packed, op, "packed", 2);

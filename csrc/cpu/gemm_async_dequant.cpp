@@ -40,13 +40,13 @@ struct RowsFnTable {
   RowsFn by_mr[kMaxMr];  // by rows of x - 1
 };
 
-// One segment of a mixed row: per segment run s, the xq column it multiplies (32 runs[s]) and, at the last run
-// of a K-group, that group (else -1): the group's sums are scaled and flushed there.
+// One segment of a mixed row: the xq column of each of its runs (32 runs[s]). The runs of a segment are whole
+// K-groups in K order (the binding checks it), so a group's sums are flushed after every RPG-th run
+// (RPG = group_size / 32) and after the segment's last run (a short last group of K).
 struct MixedSegment {
   int64_t byte_offset;  // of the segment inside a row
   int64_t count;        // runs
   const int64_t* xcol;
-  const int32_t* group_end;
 };
 
 struct AsyncArgs {
@@ -108,7 +108,7 @@ void rows_mixed_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
   float acc[MR] = {};
   for (int sg = 0; sg < 2; ++sg) {
     const MixedSegment& seg = a.mixed[sg];
-    const int bits = sg == 0 ? 4 : 2;
+    const int bits = sg == 0 ? 4 : 2, rpg = a.group_size / 32;
     const uint8_t* codes = a.packed + row * a.row_bytes + seg.byte_offset;
     int32_t dot[MR] = {};
     for (int64_t r = 0; r < seg.count; ++r) {
@@ -120,8 +120,8 @@ void rows_mixed_portable(const AsyncArgs& a, int64_t row, int64_t m0) {
           dot[i] += dot4_i8(w, x4);
         }
       }
-      const int32_t g = seg.group_end[r];
-      if (g < 0) continue;
+      if ((r + 1) % rpg != 0 && r + 1 != seg.count) continue;
+      const int64_t g = seg.xcol[r] / a.group_size;
       const float sc = half_to_float(a.scales[row * a.groups + g]);
       for (int i = 0; i < MR; ++i) {
         acc[i] += sc * a.d[(m0 + i) * a.groups + g] * float(dot[i]);
@@ -234,49 +234,71 @@ LOWBIT_AVX2 void rows_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
   for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = a.ts * hsum(acc[i]) - corr[i];
 }
 
-// One segment of a mixed row (width BITS) into acc: chunk by chunk (the runs of a chunk by immediate shifts),
-// each run's int16 sums against its activations, scaled by scale * d and flushed at the last run of a group.
-template <int MR, int BITS>
+// Flushes the int16 group sums of MR rows of x into acc (scale * d of group g) and clears them.
+template <int MR>
+LOWBIT_AVX2 inline void flush_group(const AsyncArgs& a, int64_t row, int64_t m0, int64_t g, __m256i* sum,
+                                    __m256* acc) {
+  const float sc = _cvtsh_ss(a.scales[row * a.groups + g]);
+  for (int i = 0; i < MR; ++i) {
+    const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], _mm256_set1_epi16(1)));
+    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * a.d[(m0 + i) * a.groups + g]), dot, acc[i]);
+    sum[i] = _mm256_setzero_si256();
+  }
+}
+
+// One segment of a mixed row (width BITS, groups of RPG runs) into acc: chunk by chunk, the runs of a chunk by
+// immediate shifts, each against the activations of its K-run; a group's sums are flushed after its last run.
+template <int MR, int BITS, int RPG>
 LOWBIT_AVX2 inline void mixed_segment_avx2(const AsyncArgs& a, const MixedSegment& seg, int64_t row, int64_t m0,
                                            __m256* acc) {
   constexpr int kRuns = 8 / BITS;
   const uint8_t* codes = a.packed + row * a.row_bytes + seg.byte_offset;
-  const __m256i ones = _mm256_set1_epi16(1), mask = _mm256_set1_epi8((1 << BITS) - 1);
+  const __m256i mask = _mm256_set1_epi8((1 << BITS) - 1);
   __m256i sum[MR];
   for (int i = 0; i < MR; ++i) sum[i] = _mm256_setzero_si256();
-  for (int64_t t = 0; t * kRuns < seg.count; ++t) {
+  const int64_t whole = seg.count / kRuns;
+  for (int64_t t = 0; t < whole; ++t) {
     const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * t));
 #pragma GCC unroll 4
     for (int c = 0; c < kRuns; ++c) {
       const int64_t r = t * kRuns + c;
-      if (r >= seg.count) break;
       const __m256i q = _mm256_and_si256(_mm256_srli_epi16(chunk, c * BITS), mask);
       for (int i = 0; i < MR; ++i) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + seg.xcol[r]));
         sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(q, x));
       }
-      const int32_t g = seg.group_end[r];
-      if (g < 0) continue;
-      const float sc = _cvtsh_ss(a.scales[row * a.groups + g]);
-      for (int i = 0; i < MR; ++i) {
-        const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[i], ones));
-        acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(sc * a.d[(m0 + i) * a.groups + g]), dot, acc[i]);
-        sum[i] = _mm256_setzero_si256();
-      }
+      if (RPG <= kRuns ? (c + 1) % RPG == 0 : (r + 1) % RPG == 0)
+        flush_group<MR>(a, row, m0, seg.xcol[r] / (32 * RPG), sum, acc);
     }
   }
+  for (int64_t r = whole * kRuns; r < seg.count; ++r) {  // the runs of a last, partial chunk
+    const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + 32 * whole));
+    const __m256i q = _mm256_and_si256(_mm256_srl_epi16(chunk, _mm_cvtsi32_si128(int(r % kRuns) * BITS)), mask);
+    for (int i = 0; i < MR; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m0 + i) * a.kp + seg.xcol[r]));
+      sum[i] = _mm256_add_epi16(sum[i], _mm256_maddubs_epi16(q, x));
+    }
+    if ((r + 1) % RPG == 0) flush_group<MR>(a, row, m0, seg.xcol[r] / (32 * RPG), sum, acc);
+  }
+  if (seg.count % RPG != 0)  // a short last group of K
+    flush_group<MR>(a, row, m0, seg.xcol[seg.count - 1] / (32 * RPG), sum, acc);
 }
 
-template <int MR>
+template <int MR, int RPG>
 LOWBIT_AVX2 void rows_mixed_avx2(const AsyncArgs& a, int64_t row, int64_t m0) {
   if (row + 1 < a.n) _mm_prefetch(reinterpret_cast<const char*>(a.packed + (row + 1) * a.row_bytes), _MM_HINT_T0);
   __m256 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
-  mixed_segment_avx2<MR, 4>(a, a.mixed[0], row, m0, acc);
-  mixed_segment_avx2<MR, 2>(a, a.mixed[1], row, m0, acc);
+  mixed_segment_avx2<MR, 4, RPG>(a, a.mixed[0], row, m0, acc);
+  mixed_segment_avx2<MR, 2, RPG>(a, a.mixed[1], row, m0, acc);
   float corr[MR];
   zero_correction_avx2(a, row, m0, MR, corr);
   for (int i = 0; i < MR; ++i) a.y[(m0 + i) * a.n + row] = hsum(acc[i]) - corr[i];
+}
+
+template <int RPG>
+constexpr RowsFnTable mixed_avx2_table() {
+  return {{rows_mixed_avx2<1, RPG>, rows_mixed_avx2<2, RPG>, rows_mixed_avx2<3, RPG>, rows_mixed_avx2<4, RPG>}};
 }
 
 template <int RPG, int BITS, bool TABLE>
@@ -293,7 +315,7 @@ constexpr RowsFnTable avx2_table() {
 // mixed-layout kernels.
 struct RowsKernels {
   RowsFnTable by_mode_bits_group[2][2][3];
-  RowsFnTable mixed;
+  RowsFnTable mixed[3];  // by group size
 };
 
 #ifdef LOWBIT_ASYNC_X86
@@ -307,7 +329,7 @@ RowsKernels select_kernels() {
   constexpr RowsFnTable p{{rows_portable<1>, rows_portable<2>, rows_portable<3>, rows_portable<4>}};
   constexpr RowsFnTable pm{{rows_mixed_portable<1>, rows_mixed_portable<2>, rows_mixed_portable<3>,
                             rows_mixed_portable<4>}};
-  RowsKernels kernels{{{{p, p, p}, {p, p, p}}, {{p, p, p}, {p, p, p}}}, pm};
+  RowsKernels kernels{{{{p, p, p}, {p, p, p}}, {{p, p, p}, {p, p, p}}}, {pm, pm, pm}};
 #ifdef LOWBIT_ASYNC_X86
   const char* isa = std::getenv("LOWBIT_CPU_ISA");
   const bool portable = isa != nullptr && std::strcmp(isa, "scalar") == 0;
@@ -318,7 +340,9 @@ RowsKernels select_kernels() {
         kernels.by_mode_bits_group[0][b][g] = avx2_tables<false>[b][g];
         kernels.by_mode_bits_group[1][b][g] = avx2_tables<true>[b][g];
       }
-    kernels.mixed = {{rows_mixed_avx2<1>, rows_mixed_avx2<2>, rows_mixed_avx2<3>, rows_mixed_avx2<4>}};
+    kernels.mixed[0] = mixed_avx2_table<1>();
+    kernels.mixed[1] = mixed_avx2_table<2>();
+    kernels.mixed[2] = mixed_avx2_table<4>();
   }
 #endif
   return kernels;
@@ -406,20 +430,14 @@ const RowsKernels& kernels() {
   return k;
 }
 
-// The per-run tables of a mixed segment: xq column of each run, and the group ending at each run (else -1).
-struct SegmentTables {
-  std::vector<int64_t> xcol;
-  std::vector<int32_t> group_end;
-};
-SegmentTables segment_tables(const int32_t* runs, int64_t count, int group_size) {
-  SegmentTables t{std::vector<int64_t>(size_t(count)), std::vector<int32_t>(size_t(count), -1)};
-  for (int64_t r = 0; r < count; ++r) {
-    t.xcol[size_t(r)] = 32 * int64_t(runs[r]);
-    const int32_t g = int32_t(int64_t(runs[r]) * 32 / group_size);
-    if (r + 1 == count || int64_t(runs[r + 1]) * 32 / group_size != g) t.group_end[size_t(r)] = g;
-  }
-  return t;
+// The xq column of each run of a mixed segment.
+std::vector<int64_t> segment_columns(const int32_t* runs, int64_t count) {
+  std::vector<int64_t> xcol(static_cast<size_t>(count));
+  for (int64_t r = 0; r < count; ++r) xcol[size_t(r)] = 32 * int64_t(runs[r]);
+  return xcol;
 }
+
+int group_index(int group_size) { return group_size == 32 ? 0 : group_size == 64 ? 1 : 2; }
 
 }  // namespace
 
@@ -439,8 +457,7 @@ void async_dequant_gemm_cpu(const AsyncGemmOperands& op) {
               op.scales.ptr<uint16_t>(), op.zeros ? op.zeros->ptr<uint16_t>() : nullptr,
               table ? static_cast<const uint32_t*>(op.table_q->data) : nullptr,
               table ? *op.table_scale->ptr<float>() : 1.0f, groups, k, m, n, bits, group_size, nullptr, nullptr};
-  const int group_index = group_size == 32 ? 0 : group_size == 64 ? 1 : 2;
-  run_rows(a, kernels().by_mode_bits_group[table ? 1 : 0][bits == 2 ? 0 : 1][group_index], op.out);
+  run_rows(a, kernels().by_mode_bits_group[table ? 1 : 0][bits == 2 ? 0 : 1][group_index(group_size)], op.out);
 }
 
 void mixed_gemm_cpu(const MixedGemmOperands& op) {
@@ -450,14 +467,13 @@ void mixed_gemm_cpu(const MixedGemmOperands& op) {
   const int8_t* xqp = op.xq.ptr<int8_t>();
   const float* dp = op.d.ptr<float>();
   const std::vector<float> u = group_sums(xqp, dp, m, kp, k, groups, op.group_size);
-  const SegmentTables t4 = segment_tables(op.runs4.ptr<int32_t>(), r4, op.group_size);
-  const SegmentTables t2 = segment_tables(op.runs2.ptr<int32_t>(), r2, op.group_size);
-  const MixedSegment segments[2] = {{0, r4, t4.xcol.data(), t4.group_end.data()},
-                                    {aligned_words_per_row(32 * r4, 4) * 4, r2, t2.xcol.data(), t2.group_end.data()}};
+  const std::vector<int64_t> c4 = segment_columns(op.runs4.ptr<int32_t>(), r4);
+  const std::vector<int64_t> c2 = segment_columns(op.runs2.ptr<int32_t>(), r2);
+  const MixedSegment segments[2] = {{0, r4, c4.data()}, {aligned_words_per_row(32 * r4, 4) * 4, r2, c2.data()}};
   AsyncArgs a{xqp, nullptr, kp, dp, u.data(), static_cast<const uint8_t*>(op.packed.data),
               mixed_aligned_words(r4, r2) * 4, op.scales.ptr<uint16_t>(), op.zeros.ptr<uint16_t>(), nullptr, 1.0f,
               groups, k, m, n, 0, op.group_size, nullptr, segments};
-  run_rows(a, kernels().mixed, op.out);
+  run_rows(a, kernels().mixed[group_index(op.group_size)], op.out);
 }
 
 }  // namespace lowbit

@@ -117,9 +117,9 @@ LOWBIT_HD int32_t dot4_i8(uint32_t a, uint32_t b) {
 // lowbit.ops.prepare_mixed_gemm): the 32-column runs of the 4-bit groups, in K order, form a 4-bit aligned
 // segment of R4 runs (aligned_words_per_row(32 R4, 4) words), followed by the runs of the 2-bit groups as a
 // 2-bit aligned segment of R2 runs; run s of a segment multiplies the 32 activations of K-run runs[s] (xq columns
-// 32 runs[s] .. + 31, group 32 runs[s] / group_size). Every group is whole runs (a short last group of K ends
-// in a zero-padded run, against the zero padding of xq), so one weight row is one pass over both segments: one
-// kernel, the width fixed per segment, no branch per element.
+// 32 runs[s] .. + 31, group 32 runs[s] / group_size). Each map is increasing and holds whole K-groups (a short
+// last group of K ends in a zero-padded run, against the zero padding of xq), so one weight row is one pass over
+// both segments: one kernel, the width fixed per segment, no branch per element.
 LOWBIT_HD int64_t mixed_aligned_words(int64_t runs4, int64_t runs2) {
   return aligned_words_per_row(32 * runs4, 4) + aligned_words_per_row(32 * runs2, 2);
 }

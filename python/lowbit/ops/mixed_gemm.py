@@ -80,7 +80,8 @@ def _(x, packed, runs4, runs2, scales, zeros, group_size):
     return x.new_empty(x.shape[0], packed.shape[0])
 
 
-def _check_runs(runs4: torch.Tensor, runs2: torch.Tensor, k: int, device: torch.device) -> None:
+def _check_runs(runs4: torch.Tensor, runs2: torch.Tensor, k: int, group_size: int, device: torch.device) -> None:
+    """The run maps of prepare_mixed_gemm: each run of K once, each map increasing, a K-group's runs in one map."""
     kruns = math.ceil(k / 32)
     for name, r in (("runs4", runs4), ("runs2", runs2)):
         if r.dtype != torch.int32 or r.dim() != 1:
@@ -89,10 +90,16 @@ def _check_runs(runs4: torch.Tensor, runs2: torch.Tensor, k: int, device: torch.
             raise ValueError(f"{name} must be on the device of x ({device}), got {r.device}")
     if runs4.numel() + runs2.numel() == kruns and torch.compiler.is_compiling():
         return  # the values are checked by the native op on CPU at run time
-    both = torch.cat([runs4, runs2]).to(torch.int64)
-    if both.numel() != kruns or not torch.equal(torch.sort(both).values.cpu(), torch.arange(kruns)):
+    r4, r2 = runs4.cpu().to(torch.int64), runs2.cpu().to(torch.int64)
+    both = torch.cat([r4, r2])
+    if both.numel() != kruns or not torch.equal(torch.sort(both).values, torch.arange(kruns)):
         raise ValueError(f"runs4 and runs2 must hold each of the ceil(K / 32) = {kruns} runs of K once, got "
                          f"{runs4.numel()} + {runs2.numel()} runs")
+    if bool((r4.diff() <= 0).any()) or bool((r2.diff() <= 0).any()):
+        raise ValueError("runs4 and runs2 must each be increasing (as prepare_mixed_gemm makes them)")
+    shared = set((r4 * 32 // group_size).tolist()) & set((r2 * 32 // group_size).tolist())
+    if shared:
+        raise ValueError(f"the runs of K-group {min(shared)} must all be in runs4 or all in runs2")
 
 
 def mixed_gemm(x: Array, weight: MixedGemmWeight, scales: Array, zeros: Array, group_size: int) -> Array:
@@ -121,7 +128,7 @@ def mixed_gemm(x: Array, weight: MixedGemmWeight, scales: Array, zeros: Array, g
             raise ValueError(f"x must have shape [..., K] with K >= 1, got {list(t.shape)}")
         k = t.shape[-1]
         p, runs4, runs2 = (as_tensor(v, name) for v, name in zip(weight, ("packed", "runs4", "runs2")))
-        _check_runs(runs4, runs2, k, t.device)
+        _check_runs(runs4, runs2, k, group_size, t.device)
         words = mixed_aligned_words(runs4.numel(), runs2.numel())
         if p.dtype not in (torch.int32, torch.uint32) or p.dim() != 2 or p.shape[1] != words:
             raise ValueError(f"packed must be int32 [N, {words}] (the mixed aligned layout of {runs4.numel()} 4-bit "
