@@ -88,6 +88,24 @@ def test_hessian_weighting_and_error_feedback_lower_the_proxy_loss(layer):
     assert feedback < 0.9 * weighted
 
 
+@pytest.mark.parametrize("error_feedback", [False, True])
+def test_refit_keeps_the_codes_and_lowers_the_proxy_loss(layer, error_feedback):
+    """The least-squares refit of codebooks and scales (codes fixed) never raises tr((W - W_hat) H (W - W_hat)^T)
+    and lowers it here; without a Hessian there is nothing to refit to."""
+    w, h = layer
+    kept = vq_quantize(w, h, iters=3, seed=5, error_feedback=error_feedback, refit=False)
+    refit = vq_quantize(w, h, iters=3, seed=5, error_feedback=error_feedback)
+    torch.testing.assert_close(refit.tensors["codes"], kept.tensors["codes"], rtol=0, atol=0)
+    before, after = proxy_loss(w, kept.dequantize(), h), proxy_loss(w, refit.dequantize(), h)
+    assert after < 0.99 * before, (after, before)
+    books, scales = vq_module._refit(w, h, kept.codes().long(), refit.tensors["codebooks"].float(),
+                                     refit.tensors["scales"], 0.01)
+    again = QuantizedWeight.vq(kept.codes(), books, scales)
+    assert proxy_loss(w, again.dequantize(), h) <= after * 1.001  # a refit of a refit changes (almost) nothing
+    torch.testing.assert_close(vq_quantize(w, None, iters=3, seed=5, refit=True).tensors["codebooks"],
+                               vq_quantize(w, None, iters=3, seed=5, refit=False).tensors["codebooks"])
+
+
 def test_residual_codebook_beats_one_codebook(layer):
     w, _ = layer
     errors = {r: float((vq_quantize(w, entries=256, codebooks=r, iters=4).dequantize() - w).pow(2).mean())

@@ -176,6 +176,50 @@ def _feedback_codes(weight: torch.Tensor, scales: torch.Tensor, books: torch.Ten
     return codes
 
 
+def _reconstruction(codes: torch.Tensor, books: torch.Tensor) -> torch.Tensor:
+    """The unscaled weight [N, K] of codes [N, K/8, R] and codebooks [R, E, 8]: sum_r books[r, codes[..., r]]."""
+    n, blocks, r = codes.shape
+    return sum(books[i][codes[:, :, i]] for i in range(r)).reshape(n, blocks * _V)
+
+
+def _refit(weight: torch.Tensor, hessian: torch.Tensor, codes: torch.Tensor, books: torch.Tensor,
+           scales: torch.Tensor, damp: float, cg_iters: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    """With the codes fixed, the codebooks and then the row scales that minimize tr((W - W_hat) H (W - W_hat)^T)
+    (H dampened as in GPTQ), in float64: the loss is quadratic in the codebooks (solved by conjugate gradients,
+    each matrix product one gradient of the loss) and, per row, in its scale (closed form). AQLM's codebook
+    update, exact instead of a few Adam steps."""
+    w = weight.to(torch.float64)
+    h = hessian.to(device=w.device, dtype=torch.float64)
+    h = h + damp * torch.diagonal(h).mean().clamp(min=1e-12) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    s = scales.to(torch.float64)[:, None]
+
+    flat = [codes[:, :, i].reshape(-1) for i in range(codes.shape[2])]
+
+    def gradient(c: torch.Tensor) -> torch.Tensor:  # = A c - b for the quadratic's matrix A
+        # d loss / d W_hat = -2 (W - W_hat) H; each codeword collects s_n times it over the runs that use it
+        g = (-2.0 * s) * ((w - s * _reconstruction(codes, c)) @ h)
+        g = g.reshape(-1, _V)
+        return torch.stack([torch.zeros_like(c[i]).index_add_(0, flat[i], g) for i in range(c.shape[0])])
+
+    x = books.to(torch.float64)
+    b = -gradient(torch.zeros_like(x))
+    r = b - (gradient(x) + b)
+    p, rr = r.clone(), float((r * r).sum())
+    for _ in range(cg_iters):
+        if rr <= 1e-20 * float((b * b).sum()) + 1e-300:
+            break
+        ap = gradient(p) + b
+        alpha = rr / float((p * ap).sum())
+        x, r = x + alpha * p, r - alpha * ap
+        rr, rr_old = float((r * r).sum()), rr
+        p = r + (rr / rr_old) * p
+    recon = _reconstruction(codes, x)
+    num, den = ((w @ h) * recon).sum(dim=1), ((recon @ h) * recon).sum(dim=1)
+    fp16_max = torch.finfo(torch.float16).max
+    new_scales = torch.where(den > 0, num / den.clamp(min=1e-300), s[:, 0]).clamp(-fp16_max, fp16_max)
+    return x.to(books.dtype), new_scales.to(scales.dtype)
+
+
 def _importance(hessian: Optional[torch.Tensor], k: int, damp: float, device: torch.device) -> torch.Tensor:
     """Per-input weight of the squared error [K]: the dampened Hessian diagonal (> 0), or ones without one."""
     if hessian is None:
@@ -186,7 +230,7 @@ def _importance(hessian: Optional[torch.Tensor], k: int, damp: float, device: to
 
 def vq_quantize(weight: torch.Tensor, hessian: Optional[torch.Tensor] = None, entries: int = 256,
                 codebooks: int = 2, iters: int = 10, seed: int = 0, damp: float = 0.01,
-                error_feedback: bool = True) -> QuantizedWeight:
+                error_feedback: bool = True, refit: bool = True) -> QuantizedWeight:
     """Vector-quantizes weight [N, K] into the ``vq`` format (w[n, 8j:8j+8] ~ scale[n] * sum_r codebook_r[code]).
 
     Each row is divided by its RMS (the fp16 scale). The runs of 8 weights of the scaled matrix are clustered by
@@ -194,7 +238,8 @@ def vq_quantize(weight: torch.Tensor, hessian: Optional[torch.Tensor] = None, en
     the residual of codebook 1. With a Hessian and `error_feedback`, the codes are then chosen 8 columns at a
     time, left to right, each block encoded in the metric of the inverse Hessian's Cholesky factor and its error
     propagated to the later columns as GPTQ does; otherwise each vector takes its nearest codewords greedily
-    under the k-means weighting.
+    under the k-means weighting. With a Hessian and `refit`, the codebooks and then the row scales are finally
+    refit by least squares to the codes under the full proxy loss tr((W - W_hat) H (W - W_hat)^T).
 
     Args:
         weight: float tensor [out_features, in_features], in_features a multiple of 8.
@@ -205,6 +250,7 @@ def vq_quantize(weight: torch.Tensor, hessian: Optional[torch.Tensor] = None, en
         seed: seeds the k-means initialization (the result is deterministic for a seed).
         damp: Hessian dampening, a fraction of its mean diagonal (as in GPTQ).
         error_feedback: with a Hessian, propagate each block's error to the later columns.
+        refit: with a Hessian, refit codebooks and scales to the chosen codes (never increases the proxy loss).
 
     Returns:
         A ``vq`` QuantizedWeight on weight's device.
@@ -225,6 +271,8 @@ def vq_quantize(weight: torch.Tensor, hessian: Optional[torch.Tensor] = None, en
         codes = _feedback_codes(w, scales, books, hessian, damp)
     else:
         codes = encode(vectors, books, vector_weight)[0].reshape(n, k // _V, codebooks)
+    if hessian is not None and refit:
+        books, scales = _refit(w, hessian, codes, books, scales, damp)
     return QuantizedWeight.vq(codes, books, scales)
 
 
