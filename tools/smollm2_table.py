@@ -24,16 +24,34 @@ DEFAULT_RUNS = ["rtn:4", "gptq:4", "quip:4", "rtn:3", "gptq:3", "quip:3", "rtn:2
                 "mixed:2.5"]
 
 
+def _option(text: str) -> tuple[str, object]:
+    """'act_order' -> ('act_order', True); 'finetune_epochs=4' -> ('finetune_epochs', 4); floats likewise; any
+    other value stays a string ('finetune_target=model')."""
+    name, _, value = text.partition("=")
+    if not value:
+        return name, True
+    for kind in (int, float):
+        try:
+            return name, kind(value)
+        except ValueError:
+            pass
+    return name, value
+
+
 def run(model, tokenizer, method: str, bits: float, options: list[str], args, eval_tokens) -> dict:
     calib = calibration_sequences(tokenize(tokenizer, bundled_text("calib")), args.n_samples, args.seq_len, seed=0)
     q = copy.deepcopy(model)
     start = time.time()
-    losses = quantize_model(q, method, bits, args.group_size, calibration=calib, batch_size=8, progress=False,
-                            **{name: True for name in options})
+    losses = quantize_model(q, method, bits, args.group_size, calibration=calib, batch_size=args.batch_size,
+                            progress=False, **dict(_option(o) for o in options))
     seconds = time.time() - start
     ppl = perplexity(q, eval_tokens, args.context, batch_size=4)
     record = {"method": method, "bits": bits, "group_size": args.group_size, "perplexity": round(ppl, 3),
               "quantize_seconds": round(seconds, 1), "proxy_loss": round(sum(losses.values()), 4)}
+    tuned = q.lowbit_quantization.get("finetune")
+    if tuned:  # mean over blocks of the relative output error before and after fine-tuning
+        pairs = tuned["relative_error_before_after"]
+        record["finetune_relative_error"] = [round(sum(p[i] for p in pairs) / len(pairs), 5) for i in (0, 1)]
     return dict(record, options=options) if options else record
 
 
@@ -41,7 +59,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--runs", nargs="*", default=DEFAULT_RUNS,
-                   help="method:bits[:option+option] (options are quantizer flags, e.g. gptq:4:act_order+mse)")
+                   help="method:bits[:option+option] (options are quantizer flags or name=value, e.g. "
+                        "gptq:4:act_order+mse+finetune_epochs=4)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward / fine-tuning step (8)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--n-samples", type=int, default=16, help="calibration windows (16)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (512)")

@@ -194,6 +194,7 @@ def _ppl_panel(ax, ppl: Optional[dict[str, Any]]) -> None:
             ax.axhline(r["perplexity"], color="0.4", linestyle="--", linewidth=1, label=f"fp32 ({r['perplexity']:.4g})")
         else:
             label = r["method"] + (f" g{r.get('group_size')}" if len(sizes[r["method"]]) > 1 else "")
+            label += "".join(f" +{o}" for o in r.get("options", []))
             series.setdefault(label, []).append(r)
     for i, (label, points) in enumerate(series.items()):
         points.sort(key=lambda r: r["bits"])

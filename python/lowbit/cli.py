@@ -59,12 +59,15 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         if args.method not in ("rtn", "gptq"):
             raise SystemExit(f"lowbit: --integer-zero applies to rtn and gptq, not {args.method}")
         options["integer_zero"] = True
+    if args.finetune_epochs < 0 or not args.finetune_lr > 0:
+        raise SystemExit("lowbit: --finetune-epochs must be >= 0 and --finetune-lr > 0")
     model, tokenizer = load_any(args.model)
     ids = calibration_sequences(tokenize(tokenizer, _read_text(args.calib, "calib")), args.n_samples, args.seq_len,
                                 seed=args.seed)
     start = time.time()
     losses = quantize_model(model, args.method, args.bits, args.group_size, calibration=ids,
-                            batch_size=args.batch_size, **options)
+                            batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
+                            finetune_lr=args.finetune_lr, **options)
     out = save_quantized(model, args.out)
     tokenizer.save_pretrained(str(out))
     print(f"quantized {len(losses)} linear layers with {args.method} at {args.bits} bits (group {args.group_size}) "
@@ -199,6 +202,11 @@ def parser() -> argparse.ArgumentParser:
                    help="choose each group's range by a clipping search on the squared error (rtn, gptq, quip)")
     q.add_argument("--integer-zero", action="store_true",
                    help="integer zeros (rtn, gptq), as the GPTQ format stores them: needed for `convert --to gptq`")
+    q.add_argument("--finetune-epochs", type=int, default=0,
+                   help="after quantizing each block, train its scales/zeros/codebooks/norms (codes fixed) for "
+                        "this many passes over the calibration batches to match the fp block's outputs (0: off)")
+    q.add_argument("--finetune-lr", type=float, default=1e-3,
+                   help="fine-tuning Adam learning rate, relative to each parameter's magnitude (1e-3)")
     q.add_argument("--out", required=True, help="output directory")
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="metric", required=True)

@@ -13,8 +13,8 @@ from torch import nn
 
 from lowbit.data import calibration_sequences, tokenize
 from lowbit.nn import QuantLinear
-from lowbit.quant import (HessianAccumulator, gptq_quantize, mixed_quantize, nf_quantize, proxy_loss, quip_quantize,
-                          rtn_quantize, vq_quantize)
+from lowbit.quant import (HessianAccumulator, finetune_block, gptq_quantize, mixed_quantize, nf_quantize, proxy_loss,
+                          quip_quantize, rtn_quantize, vq_quantize)
 from lowbit.quant.vq import entries_for_bits
 
 METHODS = ("rtn", "nf", "gptq", "quip", "mixed", "vq")
@@ -118,7 +118,8 @@ def _calibration_ids(calibration: Union[torch.Tensor, Sequence[str]], tokenizer:
 def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, float] = 4, group_size: int = 128,
                    calibration: Union[torch.Tensor, Sequence[str], None] = None, tokenizer: Any = None,
                    skip: Iterable[str] = ("lm_head",), n_samples: int = 128, seq_len: int = 512,
-                   batch_size: int = 8, progress: bool = True, **options: Any) -> dict[str, float]:
+                   batch_size: int = 8, progress: bool = True, finetune_epochs: int = 0, finetune_lr: float = 1e-3,
+                   finetune_target: str = "block", **options: Any) -> dict[str, float]:
     """Quantizes every nn.Linear in the decoder blocks of a causal LM in place, block by block.
 
     For each block: the calibration activations entering it (produced by the already-quantized blocks before
@@ -133,8 +134,17 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
         calibration: token ids [n, L], or strings tokenized with `tokenizer` into n_samples x seq_len
             windows; required for gptq, quip and mixed (rtn, nf and vq may pass None; vq then clusters without
             Hessian weighting or error feedback).
-        batch_size: calibration sequences per forward.
+        batch_size: calibration sequences per forward (and per fine-tuning step).
         progress: show a tqdm bar per block with the running proxy loss.
+        finetune_epochs: after quantizing each block, this many passes of Adam over the calibration batches on
+            the block's continuous parameters (scales, zeros, tables, codebooks, norms; codes fixed) to match the
+            full-precision block's outputs (:func:`lowbit.quant.finetune_block`); 0 (default) skips it. Needs
+            calibration. The relative output errors before and after are in
+            ``model.lowbit_quantization["finetune"]``.
+        finetune_lr: Adam's learning rate relative to each parameter's magnitude.
+        finetune_target: what a block's outputs are trained to match: "block" (the full-precision block on the
+            same, quantized-model inputs) or "model" (the full-precision model's own hidden states after that
+            block, so each block also makes up for the error of the blocks before it).
 
     Returns:
         {qualified linear name: proxy loss tr((W - W_hat) H (W - W_hat)^T)} (NaN for data-free methods
@@ -145,6 +155,13 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
     skip = tuple(skip)
     if calibration is None and method in _NEEDS_HESSIAN:
         raise ValueError(f"method {method!r} needs calibration data (token ids or strings)")
+    if not isinstance(finetune_epochs, int) or finetune_epochs < 0:
+        raise ValueError(f"finetune_epochs must be a non-negative int, got {finetune_epochs!r}")
+    if finetune_epochs and calibration is None:
+        raise ValueError("finetune_epochs needs calibration data (token ids or strings)")
+    if finetune_target not in ("block", "model"):
+        raise ValueError(f"finetune_target must be 'block' or 'model', got {finetune_target!r}")
+    tuned: list[tuple[float, float]] = []
     layers = find_decoder_layers(model)
     prefix = next(name for name, m in model.named_modules() if m is layers)
     device = next(model.parameters()).device
@@ -154,6 +171,7 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
     if calibration is not None:
         ids = _calibration_ids(calibration, tokenizer, n_samples, seq_len).to(device)
         states = _block_inputs(model, layers[0], ids.split(batch_size))
+    fp_states = [h for h, _ in states] if finetune_epochs and finetune_target == "model" else None
     from tqdm.auto import tqdm
     bar = tqdm(list(enumerate(layers)), desc=f"lowbit {method} {bits}-bit", unit="block", disable=not progress)
     for index, block in bar:
@@ -163,11 +181,12 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
         handles = [m.register_forward_hook(lambda mod, inp, out, h=hessians[name]: h.add(inp[0]))
                    for name, m in linears.items()]
         try:
-            for hidden, kwargs in states:
-                block(hidden, **kwargs)
+            targets = [_block_output(block(hidden, **kwargs)) for hidden, kwargs in states]
         finally:
             for h in handles:
                 h.remove()
+        if fp_states is not None:  # the fp model's hidden states, while the block is still fp
+            fp_states = targets = [_block_output(block(h, **kw)) for h, (_, kw) in zip(fp_states, states)]
         for name, linear in linears.items():
             hess = hessians[name].hessian if states else None
             q = quantize_linear(linear, method, bits, group_size, hess, **options)
@@ -175,10 +194,15 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
             setattr(parent, name.rpartition(".")[2], q)
             losses[f"{prefix}.{index}.{name}"] = proxy_loss(linear.weight, q.dequantize(), hess) if states \
                 else float("nan")
+        if finetune_epochs and linears:
+            tuned.append(finetune_block(block, states, targets, finetune_epochs, finetune_lr))
         states = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
         bar.set_postfix(proxy_loss=f"{sum(v for v in losses.values() if not math.isnan(v)):.4g}")
     model.lowbit_quantization = {"method": method, "bits": bits, "group_size": group_size,
                                  "skip": list(skip), "seconds": round(time.time() - started, 1)}
+    if finetune_epochs:
+        model.lowbit_quantization["finetune"] = {"epochs": finetune_epochs, "lr": finetune_lr,
+                                                 "target": finetune_target, "relative_error_before_after": tuned}
     return losses
 
 
