@@ -7,6 +7,7 @@ from lowbit.gptq_checkpoint import load_gptq, save_gptq
 from lowbit.io import load_quantized, save_quantized
 from lowbit.models import quantize_linear, quantize_model
 from lowbit.nn import QuantLinear, replace_linear
+from lowbit.streaming import quantize_pretrained
 from lowbit.ops import hadamard_transform, randomized_hadamard_transform
 
 __version__: str = _C.build_info()["version"]
@@ -25,6 +26,6 @@ def build_info() -> dict:
 
 
 __all__ = ["ops", "cuda_available", "build_info", "hadamard_transform", "randomized_hadamard_transform",
-           "quantize_model", "quantize_linear", "save_quantized", "load_quantized", "save_gptq", "load_gptq",
+           "quantize_model", "quantize_pretrained", "quantize_linear", "save_quantized", "load_quantized", "save_gptq", "load_gptq",
            "QuantLinear", "replace_linear",
            "__version__"]

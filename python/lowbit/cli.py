@@ -50,6 +50,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from lowbit.data import calibration_sequences, tokenize
     from lowbit.io import save_quantized
     from lowbit.models import quantize_model
+    from lowbit.streaming import quantize_pretrained
     options: dict[str, Any] = {"act_order": True} if args.act_order else {}
     if args.mse:
         if args.method not in ("rtn", "gptq", "quip"):
@@ -61,17 +62,37 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         options["integer_zero"] = True
     if args.finetune_epochs < 0 or not args.finetune_lr > 0:
         raise SystemExit("lowbit: --finetune-epochs must be >= 0 and --finetune-lr > 0")
-    model, tokenizer = load_any(args.model)
+    streamed = _is_hf_safetensors_dir(args.model)
+    if streamed:  # read block by block from the shards: the fp model is never held whole
+        import transformers
+        model, tokenizer = None, transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    else:
+        model, tokenizer = load_any(args.model)
     ids = calibration_sequences(tokenize(tokenizer, _read_text(args.calib, "calib")), args.n_samples, args.seq_len,
                                 seed=args.seed)
     start = time.time()
-    losses = quantize_model(model, args.method, args.bits, args.group_size, calibration=ids,
-                            batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
-                            finetune_lr=args.finetune_lr, **options)
+    kwargs = dict(calibration=ids, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
+                  finetune_lr=args.finetune_lr, **options)
+    if streamed:
+        model, losses = quantize_pretrained(args.model, args.method, args.bits, args.group_size, **kwargs)
+    else:
+        losses = quantize_model(model, args.method, args.bits, args.group_size, **kwargs)
     out = save_quantized(model, args.out)
     tokenizer.save_pretrained(str(out))
     print(f"quantized {len(losses)} linear layers with {args.method} at {args.bits} bits (group {args.group_size}) "
-          f"in {time.time() - start:.1f} s; total proxy loss {sum(losses.values()):.4g}; saved to {out}")
+          f"in {time.time() - start:.1f} s{' block by block from the shards' if streamed else ''}; total proxy "
+          f"loss {sum(losses.values()):.4g}; saved to {out}")
+
+
+def _is_hf_safetensors_dir(model: Optional[str]) -> bool:
+    """True for a plain Hugging Face model directory with safetensors weights (not a lowbit / GPTQ checkpoint)."""
+    from lowbit.gptq_checkpoint import is_gptq_checkpoint
+    from lowbit.io import CONFIG_NAME
+    if model is None:
+        return False
+    path = pathlib.Path(model)
+    return (path.is_dir() and (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+            and not (path / CONFIG_NAME).is_file() and not is_gptq_checkpoint(path))
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ import importlib.util
 import math
 import pathlib
 import time
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -119,7 +119,8 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
                    calibration: Union[torch.Tensor, Sequence[str], None] = None, tokenizer: Any = None,
                    skip: Iterable[str] = ("lm_head",), n_samples: int = 128, seq_len: int = 512,
                    batch_size: int = 8, progress: bool = True, finetune_epochs: int = 0, finetune_lr: float = 1e-3,
-                   finetune_target: str = "block", **options: Any) -> dict[str, float]:
+                   finetune_target: str = "block", before_block: Optional[Callable[[int, nn.Module], None]] = None,
+                   **options: Any) -> dict[str, float]:
     """Quantizes every nn.Linear in the decoder blocks of a causal LM in place, block by block.
 
     For each block: the calibration activations entering it (produced by the already-quantized blocks before
@@ -145,6 +146,8 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
         finetune_target: what a block's outputs are trained to match: "block" (the full-precision block on the
             same, quantized-model inputs) or "model" (the full-precision model's own hidden states after that
             block, so each block also makes up for the error of the blocks before it).
+        before_block: called as before_block(index, block) before each block is processed (how
+            :func:`lowbit.streaming.quantize_pretrained` reads a block's weights only when its turn comes).
 
     Returns:
         {qualified linear name: proxy loss tr((W - W_hat) H (W - W_hat)^T)} (NaN for data-free methods
@@ -175,6 +178,8 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
     from tqdm.auto import tqdm
     bar = tqdm(list(enumerate(layers)), desc=f"lowbit {method} {bits}-bit", unit="block", disable=not progress)
     for index, block in bar:
+        if before_block is not None:
+            before_block(index, block)
         linears = {name: m for name, m in block.named_modules()
                    if isinstance(m, nn.Linear) and not any(s in f"{prefix}.{index}.{name}" for s in skip)}
         hessians = {name: HessianAccumulator(m.in_features, device) for name, m in linears.items()}
