@@ -1,10 +1,12 @@
 """Shared test setup: the `gpu` marker skips without a usable CUDA device; hypothesis profile for CI; a fixture
-running a module's tests on one torch thread."""
+running a module's tests on one torch thread; the `isa` fixture running a test on every CPU SIMD path."""
 import pytest
 import torch
 from hypothesis import settings
 
 import lowbit
+from isa_paths import SUPPORTED_ISAS, forced_isa
+from lowbit.ops import cpu_isa
 
 settings.register_profile("lowbit", max_examples=60, deadline=None)
 settings.load_profile("lowbit")
@@ -26,3 +28,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=SUPPORTED_ISAS)
+def isa(request):
+    """Runs the test with the SIMD kernels forced onto each CPU path this machine supports."""
+    default = cpu_isa()
+    with forced_isa(request.param):
+        yield request.param
+    assert cpu_isa() == default

@@ -16,48 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from lowbit import _C
-from lowbit.ops import (dequantize_lut, dequantize_uniform, lut_gemm, lut_gemm_cpu_isa, nf_table, pack_uniform,
-                        unpack)
+from isa_paths import SUPPORTED_ISAS, forced_isa
+from lowbit.ops import cpu_isa, dequantize_lut, dequantize_uniform, lut_gemm, nf_table, pack_uniform, unpack
 from lowbit.ops._native import capsule
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 LARGE_M = 64  # the CPU kernel switches to the dequantized-tile GEMM from this many rows of x on
-
-
-def _cpu_flags() -> set:
-    with open("/proc/cpuinfo") as f:
-        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-
-
-def _supported_isas() -> list:
-    flags = _cpu_flags()
-    isas = ["scalar"]
-    if {"avx2", "fma", "f16c"} <= flags:
-        isas.append("avx2")
-    if {"avx512f", "avx512bw", "avx512vl", "fma", "f16c"} <= flags:
-        isas.append("avx512")
-    return isas
-
-
-SUPPORTED_ISAS = _supported_isas()
-
-
-@contextlib.contextmanager
-def forced_isa(name: str):
-    assert lut_gemm_cpu_isa(name) == name
-    try:
-        yield
-    finally:
-        lut_gemm_cpu_isa("")
-
-
-@pytest.fixture(params=SUPPORTED_ISAS)
-def isa(request):
-    default = lut_gemm_cpu_isa()
-    with forced_isa(request.param):
-        yield request.param
-    assert lut_gemm_cpu_isa() == default
 
 
 @dataclass
@@ -150,21 +115,21 @@ def assert_matches(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor):
 def test_default_isa_is_the_best_supported():
     if os.environ.get("LOWBIT_CPU_ISA"):
         pytest.skip("LOWBIT_CPU_ISA overrides the default")
-    assert lut_gemm_cpu_isa() == SUPPORTED_ISAS[-1]
-    assert lut_gemm_cpu_isa("") == SUPPORTED_ISAS[-1]
+    assert cpu_isa() == SUPPORTED_ISAS[-1]
+    assert cpu_isa("") == SUPPORTED_ISAS[-1]
 
 
 @pytest.mark.parametrize("name", ["sse", "AVX2", "avx-512"] + [i for i in ("avx2", "avx512")
                                                                  if i not in SUPPORTED_ISAS])
 def test_isa_rejects_unknown_or_unsupported(name):
-    default = lut_gemm_cpu_isa()
+    default = cpu_isa()
     with pytest.raises(ValueError, match="scalar, avx2 or avx512|cannot run"):
-        lut_gemm_cpu_isa(name)
-    assert lut_gemm_cpu_isa() == default
+        cpu_isa(name)
+    assert cpu_isa() == default
 
 
 def test_isa_environment_variable():
-    code = ("import torch; from lowbit.ops import lut_gemm_cpu_isa as f; "
+    code = ("import torch; from lowbit.ops import cpu_isa as f; "
             "print(f(), f(''), f('scalar'), f(''))")
     env = dict(os.environ, LOWBIT_CPU_ISA="scalar")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

@@ -1,11 +1,8 @@
 """The mixed 2/4-bit GEMM: prepare_mixed_gemm's layout against the aligned layout of each width's columns, the GEMM
 against float64 references (tight: the int8-rounded activations times the dequantized weight; the same integers
-as async_dequant_gemm when every group has one width), many shapes, dtypes, group sizes and width maps; the
-portable CPU path; bad input; torch.compile; CUDA against CPU (gpu)."""
+as async_dequant_gemm when every group has one width), many shapes, dtypes, group sizes and width maps, on every
+CPU path this machine runs; bad input; torch.compile; CUDA against CPU (gpu)."""
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit
+from isa_paths import SUPPORTED_ISAS, forced_isa
 from lowbit.ops import (MixedGemmWeight, aligned_from_codes, async_dequant_gemm, dequantize_mixed, mixed_gemm,
                         pack_mixed, prepare_mixed_gemm)
 from test_async_dequant import DTYPES, reference_activations  # noqa: E402
@@ -71,19 +69,19 @@ def test_layout_is_the_aligned_layout_of_each_width(k, group_size):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 16, 33, 64, 65])
-def test_rows_of_x(m):
+def test_rows_of_x(m, isa):
     check(m, 576, 37, 64, seed=m)
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("k,n", [(32, 1), (100, 5), (576, 64), (1000, 17), (1536, 20), (4096, 3)])
-def test_shapes_and_groups(k, n, group_size):
+def test_shapes_and_groups(k, n, group_size, isa):
     check(3, k, n, group_size, seed=k + n)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("m", [1, 6, 70])
-def test_dtypes(m, dtype):
+def test_dtypes(m, dtype, isa):
     check(m, 640, 33, 128, dtype, seed=m)
 
 
@@ -98,9 +96,10 @@ def test_one_width_equals_the_async_kernel(bits):
 
 
 @given(m=st.integers(1, 9), k=st.integers(1, 700), n=st.integers(1, 40), group_size=st.sampled_from([32, 64, 128]),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16))
-def test_random_configurations(m, k, n, group_size, dtype, seed):
-    check(m, k, n, group_size, dtype, seed)
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**16), isa=st.sampled_from(SUPPORTED_ISAS))
+def test_random_configurations(m, k, n, group_size, dtype, seed, isa):
+    with forced_isa(isa):
+        check(m, k, n, group_size, dtype, seed)
 
 
 def test_batch_dims_and_numpy():
@@ -125,24 +124,23 @@ def test_empty_rows_and_outputs():
     assert mixed_gemm(torch.randn(3, 64), empty, scales[:0], zeros[:0], 32).shape == (3, 0)
 
 
-def test_portable_path_agrees_with_simd():
-    script = (
-        "import sys, torch\n"
-        "from lowbit.ops import mixed_gemm, pack_mixed, prepare_mixed_gemm\n"
-        "g = torch.Generator().manual_seed(5)\n"
-        "widths = [4, 2, 2, 4, 4, 2, 4, 2, 2, 4, 2]\n"
-        "cols = torch.tensor([widths[c // 64] for c in range(700)])\n"
-        "codes = (torch.rand(21, 700, generator=g) * 2.0**cols).floor().to(torch.uint8)\n"
-        "s = (torch.rand(21, 11, generator=g) * 0.02).half(); z = (torch.rand(21, 11, generator=g) * 3).half()\n"
-        "w = prepare_mixed_gemm(pack_mixed(codes, widths, 64), widths, 64, 700)\n"
-        "y = mixed_gemm(torch.randn(6, 700, generator=g), w, s, z, 64)\n"
-        "sys.stdout.buffer.write(y.numpy().tobytes())\n")
+@pytest.mark.parametrize("m", [1, 5])
+def test_cpu_paths_agree(m):
+    """Every CPU path (portable, AVX2, AVX-512 VNNI) computes the same integers."""
+    g = torch.Generator().manual_seed(5)
+    widths = [4, 2, 2, 4, 4, 2, 4, 2, 2, 4, 2]
+    cols = torch.tensor([widths[c // 64] for c in range(700)])
+    codes = (torch.rand(21, 700, generator=g) * 2.0**cols).floor().to(torch.uint8)
+    s = (torch.rand(21, 11, generator=g) * 0.02).half()
+    z = (torch.rand(21, 11, generator=g) * 3).half()
+    w = prepare_mixed_gemm(pack_mixed(codes, widths, 64), widths, 64, 700)
+    x = torch.randn(m, 700, generator=g)
     outs = []
-    for isa in ("scalar", ""):
-        env = dict(os.environ, LOWBIT_CPU_ISA=isa)
-        raw = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, check=True).stdout
-        outs.append(np.frombuffer(raw, dtype=np.float32).reshape(6, 21))
-    np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for isa in SUPPORTED_ISAS:
+        with forced_isa(isa):
+            outs.append(mixed_gemm(x, w, s, z, 64))
+    for isa, out in zip(SUPPORTED_ISAS[1:], outs[1:]):
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=1e-6, msg=lambda e: f"{isa}: {e}")
 
 
 def _args():

@@ -77,10 +77,6 @@ void register_lut_gemm(py::module_& m) {
   m.def("lut_gemm", &lut_gemm, py::arg("x"), py::arg("packed"), py::arg("scales"), py::arg("zeros"),
         py::arg("table"), py::arg("out"), py::arg("bits"), py::arg("group_size"), py::arg("stream"),
         "out = x . W_hat^T, W_hat[n, k] = scales[n, k / group_size] * (table[q[n, k]] - zeros[n, k / group_size]).");
-  m.def("lut_gemm_cpu_isa", []() { return std::string(lut_gemm_cpu_isa()); },
-        "The CPU path lut_gemm runs: avx512, avx2 or scalar.");
-  m.def("lut_gemm_set_cpu_isa", [](const std::string& name) { return std::string(lut_gemm_set_cpu_isa(name.c_str())); },
-        py::arg("name"), "Forces the CPU path of lut_gemm ('' restores the default); returns the active path.");
 }
 
 }  // namespace lowbit

@@ -6,6 +6,7 @@
 
 #include "bindings/device.h"
 #include "bindings/registry.h"
+#include "lowbit/cpu_isa.h"
 #include "lowbit/tensor_view.h"
 
 #ifndef LOWBIT_VERSION
@@ -42,6 +43,10 @@ PYBIND11_MODULE(_C, m) {
     d["openmp_threads"] = omp_get_max_threads();
     return d;
   });
+  m.def("cpu_isa", []() { return std::string(lowbit::cpu_isa_name()); },
+        "The CPU path of the SIMD kernels: avx512, avx2 or scalar.");
+  m.def("set_cpu_isa", [](const std::string& name) { return std::string(lowbit::set_cpu_isa(name.c_str())); },
+        py::arg("name"), "Forces the CPU path of the SIMD kernels ('' restores the default); returns it.");
   lowbit::register_hadamard(m);
   lowbit::register_pack(m);
   lowbit::register_kv(m);

@@ -9,14 +9,16 @@
 // correction sum_g scale * zero * d * sum(xq) uses per-group activation sums computed once per call.
 // Table mode: the 32 codes of a run become their int8 table values by one vpshufb (the 16 table bytes in
 // both lanes), multiplied by vpmaddubsw(|xq|, sign(tq, xq)) (|pair sums| <= 2 * 127 * 127) and widened to
-// int32 per run; table_scale multiplies each row's sum once. AVX2 is chosen at run time (LOWBIT_CPU_ISA=scalar
-// forces the portable path); the portable path computes the same integers 4 columns at a time through
-// aligned_codes4 / table_bytes4 / dot4_i8, the element logic of the CUDA kernel.
+// int32 per run; table_scale multiplies each row's sum once. The path follows cpu_isa.h: the AVX-512 VNNI row
+// kernels of gemm_async_dequant_vnni.cpp, these AVX2 ones, or the portable path, which computes the same
+// integers 4 columns at a time through aligned_codes4 / table_bytes4 / dot4_i8, the element logic of the CUDA
+// kernel. The activation quantization runs 8 values at a time with AVX2.
 #include "lowbit/async_dequant.h"
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -24,48 +26,18 @@
 #include <immintrin.h>
 #endif
 
+#include "async_rows.h"
+#include "lowbit/cpu_isa.h"
 #include "lowbit/element_io.h"
 #include "lowbit/half.h"
 
 namespace lowbit {
 namespace {
 
+using namespace async_cpu;
+
 constexpr int kRowsPerTask = 16;
 constexpr int64_t kXRowsPerTask = 64;
-constexpr int kMaxMr = 4;
-
-struct AsyncArgs;
-using RowsFn = void (*)(const AsyncArgs&, int64_t, int64_t);
-struct RowsFnTable {
-  RowsFn by_mr[kMaxMr];  // by rows of x - 1
-};
-
-// One segment of a mixed row: the xq column of each of its runs (32 runs[s]). The runs of a segment are whole
-// K-groups in K order (the binding checks it), so a group's sums are flushed after every RPG-th run
-// (RPG = group_size / 32) and after the segment's last run (a short last group of K).
-struct MixedSegment {
-  int64_t byte_offset;  // of the segment inside a row
-  int64_t count;        // runs
-  const int64_t* xcol;
-};
-
-struct AsyncArgs {
-  const int8_t* xq;
-  const uint8_t* xa;  // table mode: |xq| (else nullptr)
-  int64_t kp;         // padded K of xq
-  const float* d;     // [M, groups]
-  const float* u;     // [M, groups]: d * (sum of the group's xq), the zero correction's activation factor
-  const uint8_t* packed;
-  int64_t row_bytes;
-  const uint16_t* scales;
-  const uint16_t* zeros;  // nullptr: zero = 0
-  const uint32_t* tq;     // table mode: the 16 int8 table bytes as 4 words (else nullptr)
-  float ts;               // table_scale (1 without a table)
-  int64_t groups, k, m, n;
-  int bits, group_size;
-  float* y;                   // [M, N] fp32
-  const MixedSegment* mixed;  // mixed layout: the 4-bit and the 2-bit segment (else nullptr)
-};
 
 // The zero correction sum_g scale * zero * u of a weight row for rows m0..m0+mr of x.
 inline void zero_correction(const AsyncArgs& a, int64_t row, int64_t m0, int mr, float* corr) {
@@ -309,15 +281,6 @@ constexpr RowsFnTable avx2_table() {
 #endif
 
 
-// AVX2 when the CPU has it, unless the environment variable LOWBIT_CPU_ISA=scalar (read once) asks for the
-// portable path.
-// Kernel tables by table mode (0, 1), bits (2, 4 -> 0, 1) and group size (32, 64, 128 -> 0, 1, 2), and the
-// mixed-layout kernels.
-struct RowsKernels {
-  RowsFnTable by_mode_bits_group[2][2][3];
-  RowsFnTable mixed[3];  // by group size
-};
-
 #ifdef LOWBIT_ASYNC_X86
 template <bool TABLE>
 constexpr RowsFnTable avx2_tables[2][3] = {
@@ -325,42 +288,100 @@ constexpr RowsFnTable avx2_tables[2][3] = {
     {avx2_table<1, 4, TABLE>(), avx2_table<2, 4, TABLE>(), avx2_table<4, 4, TABLE>()}};
 #endif
 
-RowsKernels select_kernels() {
+RowsKernels portable_kernels() {
   constexpr RowsFnTable p{{rows_portable<1>, rows_portable<2>, rows_portable<3>, rows_portable<4>}};
   constexpr RowsFnTable pm{{rows_mixed_portable<1>, rows_mixed_portable<2>, rows_mixed_portable<3>,
                             rows_mixed_portable<4>}};
-  RowsKernels kernels{{{{p, p, p}, {p, p, p}}, {{p, p, p}, {p, p, p}}}, {pm, pm, pm}};
+  return {{{{p, p, p}, {p, p, p}}, {{p, p, p}, {p, p, p}}}, {pm, pm, pm}};
+}
+
 #ifdef LOWBIT_ASYNC_X86
-  const char* isa = std::getenv("LOWBIT_CPU_ISA");
-  const bool portable = isa != nullptr && std::strcmp(isa, "scalar") == 0;
-  if (!portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-      __builtin_cpu_supports("f16c")) {
-    for (int b = 0; b < 2; ++b)
-      for (int g = 0; g < 3; ++g) {
-        kernels.by_mode_bits_group[0][b][g] = avx2_tables<false>[b][g];
-        kernels.by_mode_bits_group[1][b][g] = avx2_tables<true>[b][g];
-      }
-    kernels.mixed[0] = mixed_avx2_table<1>();
-    kernels.mixed[1] = mixed_avx2_table<2>();
-    kernels.mixed[2] = mixed_avx2_table<4>();
-  }
-#endif
+RowsKernels avx2_kernels() {
+  RowsKernels kernels{};
+  for (int b = 0; b < 2; ++b)
+    for (int g = 0; g < 3; ++g) {
+      kernels.by_mode_bits_group[0][b][g] = avx2_tables<false>[b][g];
+      kernels.by_mode_bits_group[1][b][g] = avx2_tables<true>[b][g];
+    }
+  kernels.mixed[0] = mixed_avx2_table<1>();
+  kernels.mixed[1] = mixed_avx2_table<2>();
+  kernels.mixed[2] = mixed_avx2_table<4>();
   return kernels;
 }
+#endif
+
+// The row kernels of a CPU path (cpu_isa.h).
+const RowsKernels& kernels_for(int isa) {
+#ifdef LOWBIT_ASYNC_X86
+  if (isa == kIsaAvx512) return vnni_kernels();
+  static const RowsKernels avx2 = avx2_kernels();
+  if (isa == kIsaAvx2) return avx2;
+#endif
+  static const RowsKernels portable = portable_kernels();
+  return portable;
+}
+
+// One group of one row of x: its scale *d and its int8 codes q (act_quant_* of async_dequant.h).
+template <typename IO>
+void quantize_group(const typename IO::storage* x, int64_t len, int8_t* q, float* d) {
+  float amax = 0.0f;
+  for (int64_t j = 0; j < len; ++j) amax = std::max(amax, std::fabs(IO::load(x, j)));
+  const float mul = act_quant_multiplier(amax);
+  *d = act_quant_scale(amax);
+  for (int64_t j = 0; j < len; ++j) q[j] = act_quant_code(IO::load(x, j), mul);
+}
+
+#ifdef LOWBIT_ASYNC_X86
+template <typename IO>
+LOWBIT_AVX2 inline __m256 load8(const typename IO::storage* p) {
+  if constexpr (std::is_same_v<IO, F32>) {
+    return _mm256_loadu_ps(p);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<IO, F16>) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// quantize_group 8 values at a time, with the same float operations (a NaN is skipped by the max, as there;
+// the clamp before the rounding gives what rounding then clamping gives).
+template <typename IO>
+LOWBIT_AVX2 void quantize_group_avx2(const typename IO::storage* x, int64_t len, int8_t* q, float* d) {
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= len; j += 8) vmax = _mm256_max_ps(_mm256_and_ps(load8<IO>(x + j), abs_mask), vmax);
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  float amax = std::max(_mm_cvtss_f32(m4), _mm_cvtss_f32(_mm_movehdup_ps(m4)));
+  for (; j < len; ++j) amax = std::max(amax, std::fabs(IO::load(x, j)));
+  const float mul = act_quant_multiplier(amax);
+  *d = act_quant_scale(amax);
+  const __m256 vmul = _mm256_set1_ps(mul), hi = _mm256_set1_ps(float(kActQuantMax)), lo = _mm256_set1_ps(-float(kActQuantMax));
+  const __m256i gather = _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0);
+  for (j = 0; j + 8 <= len; j += 8) {
+    const __m256i v = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(load8<IO>(x + j), vmul), lo), hi));
+    const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(v, v), _mm256_setzero_si256());  // bytes 0-3, 16-19
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(q + j),
+                     _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(b, gather)));
+  }
+  for (; j < len; ++j) q[j] = act_quant_code(IO::load(x, j), mul);
+}
+#endif
 
 template <typename IO>
 void quantize_rows(const typename IO::storage* x, int64_t m, int64_t k, int64_t kp, int group_size, int8_t* xq,
                    float* d) {
   const int64_t groups = (k + group_size - 1) / group_size;
+  auto group = quantize_group<IO>;
+#ifdef LOWBIT_ASYNC_X86
+  if (cpu_isa() >= kIsaAvx2) group = quantize_group_avx2<IO>;
+#endif
 #pragma omp parallel for schedule(static) if (m * k >= (int64_t(1) << 16))
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t k0 = g * group_size, k1 = std::min(k, k0 + group_size);
-      float amax = 0.0f;
-      for (int64_t j = k0; j < k1; ++j) amax = std::max(amax, std::fabs(IO::load(x, i * k + j)));
-      const float mul = act_quant_multiplier(amax);
-      d[i * groups + g] = act_quant_scale(amax);
-      for (int64_t j = k0; j < k1; ++j) xq[i * kp + j] = act_quant_code(IO::load(x, i * k + j), mul);
+      group(x + i * k + k0, k1 - k0, xq + i * kp + k0, d + i * groups + g);
     }
     std::memset(xq + i * kp + k, 0, size_t(kp - k));
   }
@@ -425,11 +446,6 @@ void run_rows(AsyncArgs& a, const RowsFnTable& fns, const TensorView& out) {
     store_rows<BF16>(staging.data(), m * n, out.ptr<uint16_t>());
 }
 
-const RowsKernels& kernels() {
-  static const RowsKernels k = select_kernels();
-  return k;
-}
-
 // The xq column of each run of a mixed segment.
 std::vector<int64_t> segment_columns(const int32_t* runs, int64_t count) {
   std::vector<int64_t> xcol(static_cast<size_t>(count));
@@ -444,20 +460,26 @@ int group_index(int group_size) { return group_size == 32 ? 0 : group_size == 64
 void async_dequant_gemm_cpu(const AsyncGemmOperands& op) {
   const int64_t m = op.xq.size(0), n = op.packed.size(0), k = op.k;
   if (m == 0 || n == 0) return;
-  const int group_size = op.group_size, bits = op.bits;
+  const int group_size = op.group_size, bits = op.bits, isa = cpu_isa();
   const int64_t groups = op.d.size(1), kp = op.xq.size(1);
   const int8_t* xqp = op.xq.ptr<int8_t>();
   const float* dp = op.d.ptr<float>();
-  const std::vector<float> u = op.zeros ? group_sums(xqp, dp, m, kp, k, groups, group_size) : std::vector<float>();
   const bool table = op.table_q != nullptr;
-  std::vector<uint8_t> xa(table ? size_t(m * kp) : 0);
+  const std::vector<float> u = op.zeros ? group_sums(xqp, dp, m, kp, k, groups, group_size) : std::vector<float>();
+  std::vector<uint8_t> xa(table && isa != kIsaAvx512 ? size_t(m * kp) : 0);
   for (size_t i = 0; i < xa.size(); ++i) xa[i] = uint8_t(std::abs(int(xqp[i])));
-  AsyncArgs a{xqp, table ? xa.data() : nullptr, kp, dp, op.zeros ? u.data() : nullptr,
+  AsyncArgs a{xqp, xa.empty() ? nullptr : xa.data(), kp, dp, op.zeros ? u.data() : nullptr,
               static_cast<const uint8_t*>(op.packed.data), aligned_words_per_row(k, bits) * 4,
               op.scales.ptr<uint16_t>(), op.zeros ? op.zeros->ptr<uint16_t>() : nullptr,
               table ? static_cast<const uint32_t*>(op.table_q->data) : nullptr,
-              table ? *op.table_scale->ptr<float>() : 1.0f, groups, k, m, n, bits, group_size, nullptr, nullptr};
-  run_rows(a, kernels().by_mode_bits_group[table ? 1 : 0][bits == 2 ? 0 : 1][group_index(group_size)], op.out);
+              table ? *op.table_scale->ptr<float>() : 1.0f, groups, k, m, n, bits, group_size, nullptr, nullptr,
+              nullptr};
+  VnniPlan plan;
+  if (isa == kIsaAvx512) {
+    plan = make_vnni_plan(a);
+    a.vnni = &plan;
+  }
+  run_rows(a, kernels_for(isa).by_mode_bits_group[table ? 1 : 0][bits == 2 ? 0 : 1][group_index(group_size)], op.out);
 }
 
 void mixed_gemm_cpu(const MixedGemmOperands& op) {
@@ -472,8 +494,14 @@ void mixed_gemm_cpu(const MixedGemmOperands& op) {
   const MixedSegment segments[2] = {{0, r4, c4.data()}, {aligned_words_per_row(32 * r4, 4) * 4, r2, c2.data()}};
   AsyncArgs a{xqp, nullptr, kp, dp, u.data(), static_cast<const uint8_t*>(op.packed.data),
               mixed_aligned_words(r4, r2) * 4, op.scales.ptr<uint16_t>(), op.zeros.ptr<uint16_t>(), nullptr, 1.0f,
-              groups, k, m, n, 0, op.group_size, nullptr, segments};
-  run_rows(a, kernels().mixed[group_index(op.group_size)], op.out);
+              groups, k, m, n, 0, op.group_size, nullptr, segments, nullptr};
+  const int isa = cpu_isa();
+  VnniPlan plan;
+  if (isa == kIsaAvx512) {
+    plan = make_vnni_plan(a);
+    a.vnni = &plan;
+  }
+  run_rows(a, kernels_for(isa).mixed[group_index(op.group_size)], op.out);
 }
 
 }  // namespace lowbit

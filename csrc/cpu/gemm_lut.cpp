@@ -6,13 +6,11 @@
 //   M >= kLargeM: tiles of 64 rows x 1024 codes of W dequantized to fp32 in a thread-local buffer, then a
 //                register-blocked dot-product GEMM over the tile.
 // One kernel set per instruction set (AVX-512, AVX2 + FMA, portable C++), from gemm_lut_isa.inc, chosen at
-// run time (__builtin_cpu_supports; LOWBIT_CPU_ISA forces a lower one).
+// run time (cpu_isa.h).
 #include "lowbit/lut_gemm.h"
 
-#include <atomic>
-#include <cstdlib>
+#include <algorithm>
 #include <cstring>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -23,6 +21,7 @@
 #include <immintrin.h>
 #endif
 
+#include "lowbit/cpu_isa.h"
 #include "lowbit/element_io.h"
 #include "lowbit/half.h"
 
@@ -263,49 +262,11 @@ struct V {
 #endif
 #endif  // LOWBIT_LUT_X86
 
-// ---- path selection --------------------------------------------------------------------------------------
-enum Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
-
-int best_isa() {
-#if LOWBIT_LUT_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) return kAvx2;
-#endif
-  return kScalar;
-}
-
-int parse_isa(const std::string& name, const char* source) {
-  for (int i = 0; i < 3; ++i)
-    if (name == kIsaNames[i]) return i;
-  throw std::invalid_argument(std::string("lut_gemm: ") + source + " must be scalar, avx2 or avx512, got '" + name + "'");
-}
-
-std::atomic<int> g_isa{-1};
-std::once_flag g_env_once;
-int g_env_isa = -1;  // the default: LOWBIT_CPU_ISA capped at what the CPU supports, else the best
-
-int default_isa() {
-  std::call_once(g_env_once, [] {
-    const int best = best_isa();
-    const char* env = std::getenv("LOWBIT_CPU_ISA");
-    g_env_isa = env && *env ? std::min(parse_isa(env, "the environment variable LOWBIT_CPU_ISA"), best) : best;
-  });
-  return g_env_isa;
-}
-
-int active_isa() {
-  const int forced = g_isa.load();
-  return forced >= 0 ? forced : default_isa();
-}
-
+// ---- path selection (cpu_isa.h) --------------------------------------------------------------------------
 const LutKernels& kernels_for(int isa) {
 #if LOWBIT_LUT_X86
-  if (isa == kAvx512) return avx512::kernels;
-  if (isa == kAvx2) return avx2::kernels;
+  if (isa == kIsaAvx512) return avx512::kernels;
+  if (isa == kIsaAvx2) return avx2::kernels;
 #endif
   return portable::kernels;
 }
@@ -319,27 +280,12 @@ void store_out(const float* y, void* out, int64_t count) {
 
 }  // namespace
 
-const char* lut_gemm_cpu_isa() { return kIsaNames[active_isa()]; }
-
-const char* lut_gemm_set_cpu_isa(const char* name) {
-  if (!name || !*name) {
-    g_isa.store(-1);
-    return lut_gemm_cpu_isa();
-  }
-  const int isa = parse_isa(name, "the CPU path");
-  if (isa > best_isa())
-    throw std::invalid_argument(std::string("lut_gemm: this CPU cannot run the ") + name + " path (best: " +
-                                kIsaNames[best_isa()] + ")");
-  g_isa.store(isa);
-  return kIsaNames[isa];
-}
-
 void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView* zeros,
                   const TensorView& table, const TensorView& out, int bits, int group_size) {
   if (!lut_gemm_bits_ok(bits)) throw std::invalid_argument("lut_gemm: bits must be 2, 3 or 4, got " + std::to_string(bits));
   if (!lut_gemm_group_ok(group_size))
     throw std::invalid_argument("lut_gemm: group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  const LutKernels& kern = kernels_for(active_isa());
+  const LutKernels& kern = kernels_for(cpu_isa());
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
   if (m == 0 || n == 0) return;
   const int64_t blocks = blocks_for(k), kp = blocks * kCodesPerBlock, mpad = (m + 3) / 4 * 4;

@@ -23,6 +23,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "lowbit/cpu_isa.h"
 #include "lowbit/element_io.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -108,14 +109,9 @@ uint32_t rows_f16(const VqGemm& g, const uint16_t* codebooks, int64_t e, int64_t
 }
 #pragma GCC pop_options
 
-bool cpu_has_f16c() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-}
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-}
+// The SIMD paths by the active CPU level (cpu_isa.h), which never exceeds what the CPU supports.
+bool cpu_has_f16c() { return cpu_isa() >= kIsaAvx2; }
+bool cpu_has_avx512() { return cpu_isa() >= kIsaAvx512; }
 #else
 bool cpu_has_f16c() { return false; }
 bool cpu_has_avx512() { return false; }

@@ -31,11 +31,4 @@ void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorVie
 void lut_gemm_cuda(const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView* zeros,
                    const TensorView& table, const TensorView& out, int bits, int group_size, int64_t stream);
 
-// The CPU code path: "avx512", "avx2" or "scalar". The default is the best the CPU supports, unless the
-// environment variable LOWBIT_CPU_ISA (read once, at the first call) asks for a lower one.
-const char* lut_gemm_cpu_isa();
-// Forces a path ("" restores the default); throws std::invalid_argument for an unknown name or one the CPU
-// cannot run. Returns the path now active.
-const char* lut_gemm_set_cpu_isa(const char* name);
-
 }  // namespace lowbit

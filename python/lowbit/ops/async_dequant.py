@@ -169,8 +169,27 @@ def check_group_params(scales: Array, zeros: Optional[Array], n: int, groups: in
     return params
 
 
+def _table_operands(table, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table_q, table_scale) of a float table or of a pair from prepare_lut_table, checked, on `device`."""
+    if isinstance(table, tuple):
+        if len(table) != 2:
+            raise ValueError(f"table must be a float table or the pair (table_q, table_scale) of prepare_lut_table, "
+                             f"got a tuple of {len(table)}")
+        tq, ts = as_tensor(table[0], "table_q"), as_tensor(table[1], "table_scale")
+        if tq.dtype != torch.int8 or list(tq.shape) != [16]:
+            raise ValueError(f"table_q must be int8 of shape [16], got {tq.dtype} of shape {list(tq.shape)}")
+        if ts.dtype != torch.float32 or list(ts.shape) != [1]:
+            raise ValueError(f"table_scale must be float32 of shape [1], got {ts.dtype} of shape {list(ts.shape)}")
+    else:
+        tq, ts = prepare_lut_table(table, bits)
+    for name, v in (("table", tq), ("table_scale", ts)):
+        if v.device != device:
+            raise ValueError(f"{name} must be on the device of x ({device}), got {v.device}")
+    return tq.contiguous(), ts.contiguous()
+
+
 def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Optional[Array], group_size: int,
-                       bits: int = 2, table: Optional[Array] = None) -> Array:
+                       bits: int = 2, table: Optional[Union[Array, tuple[torch.Tensor, torch.Tensor]]] = None) -> Array:
     """``x @ W_hat.T`` for a 2- or 4-bit weight in the aligned layout: ``W_hat = scales * (q - zeros)``
     (``uniform``), or ``scales * (table[q] - zeros)`` with a table (``lut``, the table rounded to int8).
 
@@ -181,7 +200,8 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Optional[A
         scales: float16 [N, ceil(K/group_size)] (the last group may be short). zeros: float16 like scales, or
             None for zero = 0.
         group_size: 32, 64 or 128. bits: 2 (default) or 4.
-        table: None (the codes are the values) or a float table [2 ** bits] (see :func:`prepare_lut_table`).
+        table: None (the codes are the values), a float table [2 ** bits], or that table already rounded by
+            :func:`prepare_lut_table` (the pair ``(table_q, table_scale)``, which skips the rounding per call).
 
     Returns:
         [..., N] in the dtype of x (activations rounded to int8 per group first; see the module docstring).
@@ -205,12 +225,7 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Optional[A
         if p.device != t.device:
             raise ValueError(f"packed must be on the device of x ({t.device}), got {p.device}")
         params = check_group_params(scales, zeros, p.shape[0], -(-k // group_size), t.device)
-        tables = (None, None)
-        if table is not None:
-            tv = as_tensor(table, "table")
-            if tv.device != t.device:
-                raise ValueError(f"table must be on the device of x ({t.device}), got {tv.device}")
-            tables = prepare_lut_table(tv, bits)
+        tables = (None, None) if table is None else _table_operands(table, bits, t.device)
         y = async_dequant_gemm_unchecked(t.reshape(-1, k).contiguous(), p.contiguous().view(torch.int32), *params,
                                          *tables, bits, group_size)
         return y.reshape(*t.shape[:-1], p.shape[0])

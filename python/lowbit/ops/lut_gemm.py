@@ -102,10 +102,4 @@ def lut_gemm(x: Array, packed: Array, scales: Array, table: Array, bits: int, gr
     return with_numpy(run, x)
 
 
-def lut_gemm_cpu_isa(name: Optional[str] = None) -> str:
-    """The CPU path of :func:`lut_gemm` ("avx512", "avx2" or "scalar"); with ``name``, forces that path first
-    ("" restores the default). Raises ValueError for an unknown name or one this CPU cannot run."""
-    return _C.lut_gemm_cpu_isa() if name is None else _C.lut_gemm_set_cpu_isa(str(name))
-
-
-__all__ = ["lut_gemm", "lut_gemm_cpu_isa", "LUT_GEMM_BITS", "LUT_GEMM_GROUP_SIZES"]
+__all__ = ["lut_gemm", "LUT_GEMM_BITS", "LUT_GEMM_GROUP_SIZES"]

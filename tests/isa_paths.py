@@ -1,0 +1,32 @@
+"""The CPU instruction-set paths this machine runs (from /proc/cpuinfo, independently of lowbit) and a context
+manager forcing one, so each SIMD kernel is tested on every path."""
+import contextlib
+
+from lowbit.ops import cpu_isa
+
+
+def _cpu_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+def _supported_isas() -> list:
+    flags = _cpu_flags()
+    isas = ["scalar"]
+    if {"avx2", "fma", "f16c"} <= flags:
+        isas.append("avx2")
+        if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+            isas.append("avx512")
+    return isas
+
+
+SUPPORTED_ISAS = _supported_isas()
+
+
+@contextlib.contextmanager
+def forced_isa(name: str):
+    assert cpu_isa(name) == name
+    try:
+        yield
+    finally:
+        cpu_isa("")
