@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import lowbit
+from fake_dlpack import FakeCudaTensor
 from isa_paths import SUPPORTED_ISAS, forced_isa
 from lowbit.ops import (aligned_from_codes, aligned_words_per_row, async_dequant_gemm, dequantize_lut,
                         dequantize_uniform, nf_table, pack_uniform, prepare_async_dequant, prepare_lut_table,
@@ -354,6 +355,28 @@ def test_native_requires_table_and_scale_together():
         torch.ones(3, 2).half(), torch.zeros(16, dtype=torch.int8), torch.zeros(2, 3))]
     with pytest.raises(ValueError, match="table_q and table_scale must be given together"):
         lowbit._C.async_dequant_gemm(d[0], d[1], d[2], d[3], None, d[4], None, d[5], 64, 2, 32, 0)
+
+
+def test_native_float_activations_checks():
+    """The CPU entry that quantizes x inside the call checks x like quantize_activations, and CPU only."""
+    def call(x, group_size=32):
+        caps = [torch.utils.dlpack.to_dlpack(t) for t in (
+            torch.zeros(3, 8, dtype=torch.int32), torch.ones(3, 2).half(), torch.zeros(3, 2).half(), torch.zeros(2, 3))]
+        lowbit._C.async_dequant_gemm_float(x, caps[0], caps[1], caps[2], None, None, caps[3], 2, group_size)
+
+    with pytest.raises(TypeError, match="x must have dtype"):
+        call(torch.utils.dlpack.to_dlpack(torch.zeros(2, 64, dtype=torch.int32)))
+    with pytest.raises(ValueError, match="x must have 2 dimensions"):
+        call(torch.utils.dlpack.to_dlpack(torch.zeros(2, 4, 16)))
+    with pytest.raises(ValueError, match="group_size must be 32, 64 or 128"):
+        call(torch.utils.dlpack.to_dlpack(torch.zeros(2, 64)), 48)
+    with pytest.raises(ValueError, match="x must be a CPU tensor"):
+        fake = FakeCudaTensor((2, 64))
+        call(fake.capsule)
+    with pytest.raises(ValueError, match=r"scales"):  # the GEMM's own checks follow
+        lowbit._C.async_dequant_gemm_float(*(torch.utils.dlpack.to_dlpack(t) for t in (
+            torch.zeros(2, 64), torch.zeros(3, 8, dtype=torch.int32), torch.ones(3, 5).half())), None, None, None,
+            torch.utils.dlpack.to_dlpack(torch.zeros(2, 3)), 2, 32)
 
 
 def test_torch_compile_fullgraph():

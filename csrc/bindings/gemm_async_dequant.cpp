@@ -1,6 +1,6 @@
 // Bindings of the asynchronous-dequantization 2/4-bit GEMM family: int8 activation quantization, the GEMM over
-// the aligned weight layout and the mixed 2/4-bit GEMM over the mixed aligned layout, with every boundary check
-// before a kernel runs.
+// the aligned weight layout and the mixed 2/4-bit GEMM over the mixed aligned layout (each also from float
+// activations on the CPU, quantized inside the call), with every boundary check before a kernel runs.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -58,10 +58,40 @@ void quantize_activations(const py::capsule& xc, const py::capsule& xqc, const p
   quantize_activations_cpu(x, xq, d, group_size);
 }
 
-void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule& packedc,
-                        const py::capsule& scalesc, const std::optional<py::capsule>& zerosc,
-                        const std::optional<py::capsule>& table_qc, const std::optional<py::capsule>& table_scalec,
-                        const py::capsule& outc, int64_t k, int bits, int group_size, int64_t stream) {
+// x [M, K] on the CPU quantized to int8 per row and group inside a native call (what quantize_activations
+// would return), so the CPU GEMMs of float activations cost one call from Python.
+struct QuantizedRows {
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  TensorView xq, dv;
+  int64_t k = 0;
+};
+
+QuantizedRows quantize_float_rows(const py::capsule& xc, const char* op, int group_size) {
+  const TensorView x = view_from_capsule(xc, op, "x");
+  check_dtype(x, op, "x", {DType::f32, DType::f16, DType::bf16});
+  check_ndim(x, op, "x", 2);
+  check_contiguous(x, op, "x");
+  check_int32_indexable(x, op, "x");
+  if (x.device != Device::cpu)
+    throw std::invalid_argument(std::string(op) + ": x must be a CPU tensor (CUDA: quantize_activations first)");
+  const int64_t m = x.size(0), k = x.size(1), kp = aligned_padded_k(k), groups = groups_for(k, group_size);
+  if (k < 1) throw std::invalid_argument(std::string(op) + ": x must have K >= 1 columns, got shape " + x.shape_str());
+  QuantizedRows r;
+  r.k = k;
+  r.q.resize(size_t(m * kp));
+  r.d.resize(size_t(m * groups));
+  r.xq = TensorView{r.q.data(), DType::i8, Device::cpu, 0, {m, kp}, {kp, 1}};
+  r.dv = TensorView{r.d.data(), DType::f32, Device::cpu, 0, {m, groups}, {groups, 1}};
+  py::gil_scoped_release release;
+  quantize_activations_cpu(x, r.xq, r.dv, group_size);
+  return r;
+}
+
+void async_gemm_views(const TensorView& xq, const TensorView& d, const py::capsule& packedc,
+                      const py::capsule& scalesc, const std::optional<py::capsule>& zerosc,
+                      const std::optional<py::capsule>& table_qc, const std::optional<py::capsule>& table_scalec,
+                      const py::capsule& outc, int64_t k, int bits, int group_size, int64_t stream) {
   const char* op = "async_dequant_gemm";
   check_group_size(op, group_size);
   if (!async_bits_ok(bits))
@@ -69,8 +99,6 @@ void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py:
   if (k < 1) throw std::invalid_argument(std::string(op) + ": k must be >= 1, got " + std::to_string(k));
   if (table_qc.has_value() != table_scalec.has_value())
     throw std::invalid_argument(std::string(op) + ": table_q and table_scale must be given together");
-  const TensorView xq = view_from_capsule(xqc, op, "xq");
-  const TensorView d = view_from_capsule(dc, op, "d");
   const TensorView packed = view_from_capsule(packedc, op, "packed");
   const TensorView scales = view_from_capsule(scalesc, op, "scales");
   const TensorView out = view_from_capsule(outc, op, "out", true);
@@ -110,14 +138,31 @@ void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py:
   async_dequant_gemm_cpu(operands);
 }
 
-void mixed_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule& packedc, const py::capsule& runs4c,
-                const py::capsule& runs2c, const py::capsule& scalesc, const py::capsule& zerosc,
-                const py::capsule& outc, int64_t k, int group_size, int64_t stream) {
+void async_dequant_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule& packedc,
+                        const py::capsule& scalesc, const std::optional<py::capsule>& zerosc,
+                        const std::optional<py::capsule>& table_qc, const std::optional<py::capsule>& table_scalec,
+                        const py::capsule& outc, int64_t k, int bits, int group_size, int64_t stream) {
+  const char* op = "async_dequant_gemm";
+  async_gemm_views(view_from_capsule(xqc, op, "xq"), view_from_capsule(dc, op, "d"), packedc, scalesc, zerosc,
+                   table_qc, table_scalec, outc, k, bits, group_size, stream);
+}
+
+void async_dequant_gemm_float(const py::capsule& xc, const py::capsule& packedc, const py::capsule& scalesc,
+                              const std::optional<py::capsule>& zerosc, const std::optional<py::capsule>& table_qc,
+                              const std::optional<py::capsule>& table_scalec, const py::capsule& outc, int bits,
+                              int group_size) {
+  const char* op = "async_dequant_gemm";
+  check_group_size(op, group_size);
+  const QuantizedRows x = quantize_float_rows(xc, op, group_size);
+  async_gemm_views(x.xq, x.dv, packedc, scalesc, zerosc, table_qc, table_scalec, outc, x.k, bits, group_size, 0);
+}
+
+void mixed_gemm_views(const TensorView& xq, const TensorView& d, const py::capsule& packedc,
+                      const py::capsule& runs4c, const py::capsule& runs2c, const py::capsule& scalesc,
+                      const py::capsule& zerosc, const py::capsule& outc, int64_t k, int group_size, int64_t stream) {
   const char* op = "mixed_gemm";
   check_group_size(op, group_size);
   if (k < 1) throw std::invalid_argument(std::string(op) + ": k must be >= 1, got " + std::to_string(k));
-  const TensorView xq = view_from_capsule(xqc, op, "xq");
-  const TensorView d = view_from_capsule(dc, op, "d");
   const TensorView packed = view_from_capsule(packedc, op, "packed");
   const TensorView runs4 = view_from_capsule(runs4c, op, "runs4");
   const TensorView runs2 = view_from_capsule(runs2c, op, "runs2");
@@ -181,6 +226,23 @@ void mixed_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule
   mixed_gemm_cpu(operands);
 }
 
+void mixed_gemm(const py::capsule& xqc, const py::capsule& dc, const py::capsule& packedc, const py::capsule& runs4c,
+                const py::capsule& runs2c, const py::capsule& scalesc, const py::capsule& zerosc,
+                const py::capsule& outc, int64_t k, int group_size, int64_t stream) {
+  const char* op = "mixed_gemm";
+  mixed_gemm_views(view_from_capsule(xqc, op, "xq"), view_from_capsule(dc, op, "d"), packedc, runs4c, runs2c,
+                   scalesc, zerosc, outc, k, group_size, stream);
+}
+
+void mixed_gemm_float(const py::capsule& xc, const py::capsule& packedc, const py::capsule& runs4c,
+                      const py::capsule& runs2c, const py::capsule& scalesc, const py::capsule& zerosc,
+                      const py::capsule& outc, int group_size) {
+  const char* op = "mixed_gemm";
+  check_group_size(op, group_size);
+  const QuantizedRows x = quantize_float_rows(xc, op, group_size);
+  mixed_gemm_views(x.xq, x.dv, packedc, runs4c, runs2c, scalesc, zerosc, outc, x.k, group_size, 0);
+}
+
 }  // namespace
 
 void register_async_dequant(py::module_& m) {
@@ -193,6 +255,14 @@ void register_async_dequant(py::module_& m) {
         py::arg("stream"),
         "out = dequant(xq, d) . W_hat^T for a 2- or 4-bit weight in the aligned layout (async_dequant.h), W_hat = "
         "scales * (q - zeros), or scales * (table_scale * table_q[q] - zeros) with a table.");
+  m.def("async_dequant_gemm_float", &async_dequant_gemm_float, py::arg("x"), py::arg("packed"), py::arg("scales"),
+        py::arg("zeros").none(true), py::arg("table_q").none(true), py::arg("table_scale").none(true),
+        py::arg("out"), py::arg("bits"), py::arg("group_size"),
+        "async_dequant_gemm of float activations x [M, K] on the CPU, quantized inside the call as "
+        "quantize_activations does.");
+  m.def("mixed_gemm_float", &mixed_gemm_float, py::arg("x"), py::arg("packed"), py::arg("runs4"), py::arg("runs2"),
+        py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("group_size"),
+        "mixed_gemm of float activations x [M, K] on the CPU, quantized inside the call.");
   m.def("mixed_gemm", &mixed_gemm, py::arg("xq"), py::arg("d"), py::arg("packed"), py::arg("runs4"),
         py::arg("runs2"), py::arg("scales"), py::arg("zeros"), py::arg("out"), py::arg("k"), py::arg("group_size"),
         py::arg("stream"),

@@ -121,8 +121,12 @@ def prepare_lut_table(table: Array, bits: int) -> tuple[torch.Tensor, torch.Tens
 def _async_dequant_gemm_impl(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                              zeros: Optional[torch.Tensor], table_q: Optional[torch.Tensor],
                              table_scale: Optional[torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
-    xq, d = _quantize_activations_impl(x, group_size)
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
+    if x.device.type == "cpu":  # one native call: the activations are quantized inside it
+        _C.async_dequant_gemm_float(capsule(x), capsule(packed), capsule(scales), capsule(zeros), capsule(table_q),
+                                    capsule(table_scale), capsule(out), bits, group_size)
+        return out
+    xq, d = _quantize_activations_impl(x, group_size)
     _C.async_dequant_gemm(capsule(xq), capsule(d), capsule(packed), capsule(scales), capsule(zeros),
                           capsule(table_q), capsule(table_scale), capsule(out), x.shape[1], bits, group_size,
                           stream_of(x))

@@ -62,8 +62,12 @@ def prepare_mixed_gemm(packed: Array, group_bits: Union[Array, Sequence[int]], g
 
 def _mixed_gemm_impl(x: torch.Tensor, packed: torch.Tensor, runs4: torch.Tensor, runs2: torch.Tensor,
                      scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    xq, d = _quantize_activations_impl(x, group_size)
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
+    if x.device.type == "cpu":  # one native call: the activations are quantized inside it
+        _C.mixed_gemm_float(capsule(x), capsule(packed), capsule(runs4), capsule(runs2), capsule(scales),
+                            capsule(zeros), capsule(out), group_size)
+        return out
+    xq, d = _quantize_activations_impl(x, group_size)
     _C.mixed_gemm(capsule(xq), capsule(d), capsule(packed), capsule(runs4), capsule(runs2), capsule(scales),
                   capsule(zeros), capsule(out), x.shape[1], group_size, stream_of(x))
     return out
