@@ -88,6 +88,40 @@ def test_save_load_roundtrip_bit_exact(tmp_path):
     assert config["quantization"]["method"] == "quip" and config["lowbit_version"]
 
 
+@pytest.mark.parametrize("with_calibration", [True, False])
+def test_quantized_lm_head(tmp_path, with_calibration):
+    """lm_head_bits quantizes the tied head too (GPTQ with calibration, RTN without), unties it from the
+    embeddings, and survives save/load; the proxy loss needs calibration."""
+    model = tiny_llama()
+    ids = calibration()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    embed = model.model.embed_tokens.weight.detach().clone()
+    losses = quantize_model(model, "gptq" if with_calibration else "rtn", 4, 32,
+                            calibration=ids if with_calibration else None, progress=False, lm_head_bits=4)
+    assert isinstance(model.lm_head, QuantLinear) and model.lm_head.weight.config["bits"] == 4
+    assert math.isfinite(losses["lm_head"]) == with_calibration
+    assert not model.config.tie_word_embeddings and model.lowbit_quantization["lm_head_bits"] == 4
+    assert torch.equal(model.model.embed_tokens.weight, embed)  # the embeddings stay as they were
+    err = (model.lm_head.dequantize() - embed).abs().max()
+    assert 0 < err < 0.1 * embed.abs().max()
+    reference = dense_copy_with_dequantized_weights(model)(ids).logits
+    torch.testing.assert_close(model(ids).logits, reference, rtol=2e-3, atol=3e-2 * float(reference.abs().max()))
+    save_quantized(model, tmp_path / "ckpt")
+    loaded = load_quantized(tmp_path / "ckpt")
+    assert isinstance(loaded.lm_head, QuantLinear) and not loaded.config.tie_word_embeddings
+    assert torch.equal(loaded.model.embed_tokens.weight, embed)
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+def test_gptq_head_beats_rtn_head():
+    ids = calibration(16, 32)
+    losses = [quantize_model(tiny_llama(), "rtn", 2, 32, calibration=ids, progress=False, lm_head_bits=2,
+                             skip=("layers",))["lm_head"],
+              quantize_model(tiny_llama(), "gptq", 2, 32, calibration=ids, progress=False, lm_head_bits=2,
+                             skip=("layers",))["lm_head"]]
+    assert losses[1] < losses[0]
+
+
 def test_corrupt_checkpoints_are_refused(tmp_path):
     model = tiny_llama()
     quantize_model(model, "rtn", 4, 32, progress=False)
@@ -132,6 +166,9 @@ def test_quantize_model_bad_arguments():
         quantize_model(model, "awq", 4)
     with pytest.raises(ValueError, match="needs calibration data"):
         quantize_model(model, "gptq", 4)
+    for bad in (8, 2.5, True):
+        with pytest.raises(ValueError, match="lm_head_bits must be None, 2, 3 or 4"):
+            quantize_model(model, "rtn", 4, lm_head_bits=bad)
     with pytest.raises(ValueError, match="tokenizer"):
         quantize_model(model, "gptq", 4, calibration=["some text"])
     with pytest.raises(ValueError, match="LongTensor"):

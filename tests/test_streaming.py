@@ -98,11 +98,13 @@ def test_bad_directories_are_refused(sharded, tmp_path):
         quantize_pretrained(other, "rtn", 4, 32, progress=False)
 
 
-def test_cli_quantize_streams_a_model_directory(sharded, tmp_path, capsys):
+def test_cli_quantize_streams_a_model_directory_and_its_head(sharded, tmp_path, capsys):
     from lowbit import cli
     from test_generate import byte_tokenizer
     byte_tokenizer().save_pretrained(str(sharded))
     cli.main(["quantize", "--model", str(sharded), "--method", "gptq", "--bits", "4", "--group-size", "32",
-              "--n-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "q")])
+              "--n-samples", "4", "--seq-len", "32", "--lm-head-bits", "4", "--out", str(tmp_path / "q")])
     assert "block by block from the shards" in capsys.readouterr().out
-    assert sum(isinstance(m, QuantLinear) for m in load_quantized(tmp_path / "q").modules()) == 14
+    loaded = load_quantized(tmp_path / "q")
+    assert sum(isinstance(m, QuantLinear) for m in loaded.modules()) == 15  # 2 blocks x 7 linears + the head
+    assert isinstance(loaded.lm_head, QuantLinear) and loaded.lowbit_quantization["lm_head_bits"] == 4

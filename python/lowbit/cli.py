@@ -72,7 +72,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
                                 seed=args.seed)
     start = time.time()
     kwargs = dict(calibration=ids, batch_size=args.batch_size, finetune_epochs=args.finetune_epochs,
-                  finetune_lr=args.finetune_lr, **options)
+                  finetune_lr=args.finetune_lr, lm_head_bits=args.lm_head_bits, **options)
     if streamed:
         model, losses = quantize_pretrained(args.model, args.method, args.bits, args.group_size, **kwargs)
     else:
@@ -228,6 +228,9 @@ def parser() -> argparse.ArgumentParser:
                         "this many passes over the calibration batches to match the fp block's outputs (0: off)")
     q.add_argument("--finetune-lr", type=float, default=1e-3,
                    help="fine-tuning Adam learning rate, relative to each parameter's magnitude (1e-3)")
+    q.add_argument("--lm-head-bits", type=int, choices=(2, 3, 4), default=None,
+                   help="quantize the output head too, at these bits (GPTQ, or RTN for rtn/nf), untying it from "
+                        "the embeddings (default: it stays in full precision)")
     q.add_argument("--out", required=True, help="output directory")
     q.set_defaults(func=cmd_quantize)
     e = sub.add_parser("eval", help="evaluate a model").add_subparsers(dest="metric", required=True)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from lowbit.data import calibration_sequences, tokenize
+from lowbit.io import set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.quant import (HessianAccumulator, finetune_block, gptq_quantize, mixed_quantize, nf_quantize, proxy_loss,
                           quip_quantize, rtn_quantize, vq_quantize)
@@ -120,7 +121,7 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
                    skip: Iterable[str] = ("lm_head",), n_samples: int = 128, seq_len: int = 512,
                    batch_size: int = 8, progress: bool = True, finetune_epochs: int = 0, finetune_lr: float = 1e-3,
                    finetune_target: str = "block", before_block: Optional[Callable[[int, nn.Module], None]] = None,
-                   **options: Any) -> dict[str, float]:
+                   lm_head_bits: Optional[int] = None, **options: Any) -> dict[str, float]:
     """Quantizes every nn.Linear in the decoder blocks of a causal LM in place, block by block.
 
     For each block: the calibration activations entering it (produced by the already-quantized blocks before
@@ -148,6 +149,12 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
             block, so each block also makes up for the error of the blocks before it).
         before_block: called as before_block(index, block) before each block is processed (how
             :func:`lowbit.streaming.quantize_pretrained` reads a block's weights only when its turn comes).
+        lm_head_bits: None (default) keeps the output head in full precision; 2, 3 or 4 quantizes it too, at
+            `group_size` in the uniform format (so decoding runs it through the fused kernels): with GPTQ on the
+            calibration activations entering it (after the final norm), or with RTN for the data-free methods
+            (rtn, nf) and without calibration. A head tied to the
+            input embeddings is untied: the embeddings stay in full precision for the lookup, and the config's
+            tie_word_embeddings becomes False so that saving, loading and transformers keep them apart.
 
     Returns:
         {qualified linear name: proxy loss tr((W - W_hat) H (W - W_hat)^T)} (NaN for data-free methods
@@ -164,6 +171,8 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
         raise ValueError("finetune_epochs needs calibration data (token ids or strings)")
     if finetune_target not in ("block", "model"):
         raise ValueError(f"finetune_target must be 'block' or 'model', got {finetune_target!r}")
+    if lm_head_bits is not None and (isinstance(lm_head_bits, bool) or lm_head_bits not in (2, 3, 4)):
+        raise ValueError(f"lm_head_bits must be None, 2, 3 or 4, got {lm_head_bits!r}")
     tuned: list[tuple[float, float]] = []
     layers = find_decoder_layers(model)
     prefix = next(name for name, m in model.named_modules() if m is layers)
@@ -195,20 +204,50 @@ def quantize_model(model: nn.Module, method: str = "gptq", bits: Union[int, floa
         for name, linear in linears.items():
             hess = hessians[name].hessian if states else None
             q = quantize_linear(linear, method, bits, group_size, hess, **options)
-            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-            setattr(parent, name.rpartition(".")[2], q)
+            set_submodule(block, name, q)
             losses[f"{prefix}.{index}.{name}"] = proxy_loss(linear.weight, q.dequantize(), hess) if states \
                 else float("nan")
         if finetune_epochs and linears:
             tuned.append(finetune_block(block, states, targets, finetune_epochs, finetune_lr))
         states = [(_block_output(block(hidden, **kwargs)), kwargs) for hidden, kwargs in states]
         bar.set_postfix(proxy_loss=f"{sum(v for v in losses.values() if not math.isnan(v)):.4g}")
+    if lm_head_bits is not None:
+        name, loss = _quantize_head(model, states, lm_head_bits, group_size, gptq=method not in ("rtn", "nf"))
+        losses[name] = loss
     model.lowbit_quantization = {"method": method, "bits": bits, "group_size": group_size,
                                  "skip": list(skip), "seconds": round(time.time() - started, 1)}
+    if lm_head_bits is not None:
+        model.lowbit_quantization["lm_head_bits"] = lm_head_bits
     if finetune_epochs:
         model.lowbit_quantization["finetune"] = {"epochs": finetune_epochs, "lr": finetune_lr,
                                                  "target": finetune_target, "relative_error_before_after": tuned}
     return losses
+
+
+def _quantize_head(model: nn.Module, states: list, bits: int, group_size: int, gptq: bool) -> tuple[str, float]:
+    """Replaces the output head by a QuantLinear (GPTQ on the final-norm outputs of `states`, the last block's
+    outputs, if `gptq` and there are any, else RTN) and unties it from the input embeddings; returns (its name,
+    the proxy loss under those activations' Hessian, NaN without)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Linear):
+        raise ValueError(f"lm_head_bits needs an nn.Linear output head, got {type(head).__name__}")
+    name = next(n for n, m in model.named_modules() if m is head)
+    hess = None
+    if states:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        norm = getattr(decoder, "norm", None)
+        if norm is None:
+            raise ValueError("lm_head_bits with calibration needs the decoder's final norm (model.get_decoder().norm)")
+        acc = HessianAccumulator(head.in_features, head.weight.device)
+        for hidden, _ in states:
+            acc.add(norm(hidden))
+        hess = acc.hessian
+    tied = head.weight is getattr(model.get_input_embeddings(), "weight", None)
+    q = quantize_linear(head, "gptq" if gptq and states else "rtn", bits, group_size, hess)
+    set_submodule(model, name, q)
+    if tied or getattr(model.config, "tie_word_embeddings", False):
+        model.config.tie_word_embeddings = False
+    return name, proxy_loss(head.weight, q.dequantize(), hess) if states else float("nan")
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from lowbit.formats import QuantizedWeight
+from lowbit.io import set_submodule
 from lowbit.nn import QuantLinear
 from lowbit.ops.hadamard import hadamard_unchecked
 
@@ -98,9 +99,8 @@ def _swap(block: nn.Module, kind: type, make) -> dict[str, nn.Module]:
     swapped = {}
     for name, module in list(block.named_modules()):
         if isinstance(module, kind):
-            parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
             swapped[name] = make(module)
-            setattr(parent, name.rpartition(".")[2], swapped[name])
+            set_submodule(block, name, swapped[name])
     return swapped
 
 
@@ -170,8 +170,7 @@ def finetune_block(block: nn.Module, inputs: Sequence[tuple[torch.Tensor, dict]]
     if after < before:
         return before, after
     for name, module in originals.items():  # training did not help: put the block back as it was
-        parent = block.get_submodule(name.rpartition(".")[0]) if "." in name else block
-        setattr(parent, name.rpartition(".")[2], module)
+        set_submodule(block, name, module)
     with torch.no_grad():
         for p, value, _ in saved:
             p.copy_(value)
