@@ -2,6 +2,7 @@
 instruction set this machine runs and on both CPU paths (fused small M, dequantized tiles for M >= 64);
 agreement with dequantize_*, tables, zeros, dtypes, shapes, batch/numpy I/O, errors, torch.compile, CUDA."""
 import contextlib
+import json
 import math
 import os
 import subprocess
@@ -426,3 +427,11 @@ def test_cuda_device_mismatch(on_cpu):
     args[on_cpu] = getattr(w, on_cpu)
     with pytest.raises(ValueError, match=f"{on_cpu} must be on the device of x"):
         lut_gemm(make_x((3, 100)).cuda(), **args)
+
+
+def test_info_reports_the_active_path(capsys):
+    from lowbit.cli import main
+    with forced_isa("scalar"):
+        main(["info"])
+    info = json.loads(capsys.readouterr().out)
+    assert info["cpu_isa"] == "scalar" and "cpu_features" in info

@@ -48,6 +48,7 @@ std::string cpu_features() {
   if (__builtin_cpu_supports("avx512f")) f += "avx512f ";
   if (__builtin_cpu_supports("avx512bw")) f += "avx512bw ";
   if (__builtin_cpu_supports("avx512vl")) f += "avx512vl ";
+  if (__builtin_cpu_supports("avx512vnni")) f += "avx512vnni ";
 #endif
   if (!f.empty()) f.pop_back();
   return f.empty() ? "baseline" : f;

@@ -131,7 +131,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 def cmd_info(args: argparse.Namespace) -> None:
     import lowbit
-    print(json.dumps(lowbit.build_info(), indent=1))
+    from lowbit.ops import cpu_isa
+    print(json.dumps({**lowbit.build_info(), "cpu_isa": cpu_isa()}, indent=1))
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
