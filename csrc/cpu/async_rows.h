@@ -57,7 +57,6 @@ struct RowsKernels {
 // and subtracts the 128 * sum(xq) this adds from the int32 sums of each flush (VnniPlan::xc), so its integers
 // are exact as on the other paths.
 struct VnniSegment {
-  int bits;
   int64_t byte_offset;  // of the segment's codes inside a row
   int64_t supers;       // 64-byte loads (pairs of chunks); the last one may hold one chunk
   bool half_tail;       // the last load holds one chunk (masked)
@@ -70,8 +69,7 @@ struct VnniPlan {
   std::vector<int32_t> xc;  // table mode: [M, flush slots, 16], 128 * sum(xq) of a flush's half h in lane 8 h
   int64_t stride = 0;
   int64_t slots = 0;  // flushes over all segments (fg.size() / 2)
-  VnniSegment seg[2] = {};
-  int segments = 0;
+  VnniSegment seg[2] = {};  // the plain layout uses seg[0], the mixed one both (4-bit, then 2-bit)
 };
 VnniPlan make_vnni_plan(const AsyncArgs& a);
 const RowsKernels& vnni_kernels();

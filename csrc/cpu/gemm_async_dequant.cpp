@@ -422,9 +422,14 @@ std::vector<float> group_sums(const int8_t* xq, const float* d, int64_t m, int64
 }
 
 // Runs fns over tasks of kRowsPerTask weight rows x kXRowsPerTask rows of x in parallel, a.y staged in fp32
-// when out is not, then stored.
-void run_rows(AsyncArgs& a, const RowsFnTable& fns, const TensorView& out) {
+// when out is not, then stored; on the AVX-512 path (isa) with the plan its kernels read.
+void run_rows(AsyncArgs& a, const RowsFnTable& fns, int isa, const TensorView& out) {
   const int64_t m = a.m, n = a.n;
+  VnniPlan plan;  // the AVX-512 kernels' staged activations
+  if (isa == kIsaAvx512) {
+    plan = make_vnni_plan(a);
+    a.vnni = &plan;
+  }
   const bool direct = out.dtype == DType::f32;
   std::vector<float> staging(direct ? 0 : size_t(m * n));
   a.y = direct ? out.ptr<float>() : staging.data();
@@ -474,12 +479,8 @@ void async_dequant_gemm_cpu(const AsyncGemmOperands& op) {
               table ? static_cast<const uint32_t*>(op.table_q->data) : nullptr,
               table ? *op.table_scale->ptr<float>() : 1.0f, groups, k, m, n, bits, group_size, nullptr, nullptr,
               nullptr};
-  VnniPlan plan;
-  if (isa == kIsaAvx512) {
-    plan = make_vnni_plan(a);
-    a.vnni = &plan;
-  }
-  run_rows(a, kernels_for(isa).by_mode_bits_group[table ? 1 : 0][bits == 2 ? 0 : 1][group_index(group_size)], op.out);
+  run_rows(a, kernels_for(isa).by_mode_bits_group[table ? 1 : 0][bits == 2 ? 0 : 1][group_index(group_size)], isa,
+           op.out);
 }
 
 void mixed_gemm_cpu(const MixedGemmOperands& op) {
@@ -496,12 +497,7 @@ void mixed_gemm_cpu(const MixedGemmOperands& op) {
               mixed_aligned_words(r4, r2) * 4, op.scales.ptr<uint16_t>(), op.zeros.ptr<uint16_t>(), nullptr, 1.0f,
               groups, k, m, n, 0, op.group_size, nullptr, segments, nullptr};
   const int isa = cpu_isa();
-  VnniPlan plan;
-  if (isa == kIsaAvx512) {
-    plan = make_vnni_plan(a);
-    a.vnni = &plan;
-  }
-  run_rows(a, kernels_for(isa).mixed[group_index(op.group_size)], op.out);
+  run_rows(a, kernels_for(isa).mixed[group_index(op.group_size)], isa, op.out);
 }
 
 }  // namespace lowbit

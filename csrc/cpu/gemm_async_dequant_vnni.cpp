@@ -42,13 +42,12 @@ VnniPlan make_vnni_plan(const AsyncArgs& a) {
     src[0] = {a.bits, 0, (a.k + kRunBytes - 1) / kRunBytes, nullptr};
   }
   VnniPlan p;
-  p.segments = segments;
   const int rpg = a.group_size / kRunBytes;
   int64_t x_offset = 0, fg_offset = 0;
   for (int i = 0; i < segments; ++i) {
     const int runs = 8 / src[i].bits, per_flush = std::min(rpg, runs);
     const int64_t chunks = (src[i].count + runs - 1) / runs, supers = (chunks + 1) / 2;
-    p.seg[i] = {src[i].bits, src[i].byte_offset, supers, chunks % 2 == 1, x_offset, fg_offset};
+    p.seg[i] = {src[i].byte_offset, supers, chunks % 2 == 1, x_offset, fg_offset};
     x_offset += supers * 2 * runs * kRunBytes;
     fg_offset += supers * (runs / per_flush) * 2;
   }

@@ -242,10 +242,9 @@ def _quantize_head(model: nn.Module, states: list, bits: int, group_size: int, g
         for hidden, _ in states:
             acc.add(norm(hidden))
         hess = acc.hessian
-    tied = head.weight is getattr(model.get_input_embeddings(), "weight", None)
     q = quantize_linear(head, "gptq" if gptq and states else "rtn", bits, group_size, hess)
     set_submodule(model, name, q)
-    if tied or getattr(model.config, "tie_word_embeddings", False):
+    if getattr(model.config, "tie_word_embeddings", False):
         model.config.tie_word_embeddings = False
     return name, proxy_loss(head.weight, q.dequantize(), hess) if states else float("nan")
 
