@@ -17,6 +17,8 @@ def _supported_isas() -> list:
         isas.append("avx2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
             isas.append("avx512")
+            if {"amx_tile", "amx_int8"} <= flags:
+                isas.append("amx")
     return isas
 
 

@@ -2,7 +2,7 @@
 activation quantization against its formula, and the GEMM against float64 references (tight: the integer
 formula over the rounded activations; loose, bounded: x @ W_hat.T), on many shapes, dtypes and group sizes;
 table mode (the lut format, the table rounded to int8) likewise; each on every CPU path this machine runs
-(portable, AVX2, AVX-512 VNNI); bad input; torch.compile; CUDA against CPU (gpu)."""
+(portable, AVX2, AVX-512 VNNI, AMX tiles); bad input; torch.compile; CUDA against CPU (gpu)."""
 import numpy as np
 import pytest
 import torch
@@ -284,10 +284,11 @@ def test_empty_rows_and_outputs():
     assert y.shape == (3, 0)
 
 
-@pytest.mark.parametrize("m", [1, 3, 6])
+@pytest.mark.parametrize("m", [1, 3, 6, 16, 40])
 def test_cpu_paths_agree(m):
-    """Every CPU path computes the same integers (portable, AVX2, AVX-512 VNNI), 2 and 4 bits, table mode with and
-    without zeros, odd K (a half-filled last 64-byte load), activations quantized by each path too."""
+    """Every CPU path computes the same integers (portable, AVX2, AVX-512 VNNI, AMX tiles from 16 rows of x on), 2
+    and 4 bits, table mode with and without zeros, odd K (a half-filled last 64-byte load), activations quantized
+    by each path too."""
     g = torch.Generator().manual_seed(5)
     k = 700
     c2 = torch.randint(0, 4, (21, k), dtype=torch.uint8, generator=g)
@@ -307,6 +308,30 @@ def test_cpu_paths_agree(m):
     for isa, (y, xq, d) in zip(SUPPORTED_ISAS[1:], outs[1:]):
         torch.testing.assert_close(y, outs[0][0], rtol=1e-5, atol=1e-6, msg=lambda e: f"{isa}: {e}")
         assert torch.equal(xq, outs[0][1]) and torch.equal(d, outs[0][2]), isa
+
+
+@pytest.mark.skipif("amx" not in SUPPORTED_ISAS, reason="needs AMX-INT8 (Sapphire Rapids or later)")
+@pytest.mark.parametrize("with_zeros", [True, False])
+@pytest.mark.parametrize("table", [False, True])
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("m,k,n", [(16, 1, 1), (17, 31, 33), (33, 129, 70), (48, 576, 31), (100, 1000, 5),
+                                   (64, 256, 64)])
+def test_amx_tiles_match_exact_reference(m, k, n, group_size, bits, table, with_zeros):
+    """The AMX path (rows of x >= 16): short last groups, N and M not multiples of the 32 x 32 tile block, one
+    or two x tiles in the last block, against the integer formula and against the AVX-512 row kernels."""
+    gen = torch.Generator().manual_seed(m * k + n)
+    codes, scales, zeros = random_weight(n, k, group_size, gen, bits)
+    zeros = zeros if with_zeros else None
+    tab = torch.randn(2**bits, generator=gen) if table else None
+    x = torch.randn(m, k, generator=gen)
+    packed = aligned_from_codes(codes, bits)
+    outs = {}
+    for isa in ("avx512", "amx"):
+        with forced_isa(isa):
+            outs[isa] = async_dequant_gemm(x, packed, scales, zeros, group_size, bits=bits, table=tab)
+    assert_close_to_exact(x, codes, scales, zeros, outs["amx"], group_size, tab.numpy() if table else None, bits)
+    torch.testing.assert_close(outs["amx"], outs["avx512"], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bad,match,exc", [

@@ -120,11 +120,11 @@ def test_default_isa_is_the_best_supported():
     assert cpu_isa("") == SUPPORTED_ISAS[-1]
 
 
-@pytest.mark.parametrize("name", ["sse", "AVX2", "avx-512"] + [i for i in ("avx2", "avx512")
-                                                                 if i not in SUPPORTED_ISAS])
+@pytest.mark.parametrize("name", ["sse", "AVX2", "avx-512", "AMX"] + [i for i in ("avx2", "avx512", "amx")
+                                                                        if i not in SUPPORTED_ISAS])
 def test_isa_rejects_unknown_or_unsupported(name):
     default = cpu_isa()
-    with pytest.raises(ValueError, match="scalar, avx2 or avx512|cannot run"):
+    with pytest.raises(ValueError, match="scalar, avx2, avx512 or amx|cannot run"):
         cpu_isa(name)
     assert cpu_isa() == default
 

@@ -49,6 +49,7 @@ std::string cpu_features() {
   if (__builtin_cpu_supports("avx512bw")) f += "avx512bw ";
   if (__builtin_cpu_supports("avx512vl")) f += "avx512vl ";
   if (__builtin_cpu_supports("avx512vnni")) f += "avx512vnni ";
+  if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8")) f += "amx-int8 ";
 #endif
   if (!f.empty()) f.pop_back();
   return f.empty() ? "baseline" : f;

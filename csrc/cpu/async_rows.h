@@ -20,6 +20,14 @@ struct MixedSegment {
 
 struct VnniPlan;
 
+// A segment of a row as its runs' source: width, bytes inside a row, runs, and the xq column of each run
+// (nullptr: run r is column 32 r).
+struct RunSource {
+  int bits;
+  int64_t byte_offset, count;
+  const int64_t* xcol;
+};
+
 struct AsyncArgs {
   const int8_t* xq;
   const uint8_t* xa;  // AVX2 table mode: |xq| (else nullptr)
@@ -38,6 +46,18 @@ struct AsyncArgs {
   const MixedSegment* mixed;  // mixed layout: the 4-bit and the 2-bit segment (else nullptr)
   const VnniPlan* vnni;       // the AVX-512 kernels' staged activations (else nullptr)
 };
+
+// The segments of a's layout into src (the plain layout: one, of ceil(K / 32) runs; the mixed one: the 4-bit
+// and the 2-bit segment); returns how many.
+inline int run_sources(const AsyncArgs& a, RunSource* src) {
+  if (!a.mixed) {
+    src[0] = {a.bits, 0, (a.k + 31) / 32, nullptr};
+    return 1;
+  }
+  src[0] = {4, a.mixed[0].byte_offset, a.mixed[0].count, a.mixed[0].xcol};
+  src[1] = {2, a.mixed[1].byte_offset, a.mixed[1].count, a.mixed[1].xcol};
+  return 2;
+}
 
 using RowsFn = void (*)(const AsyncArgs&, int64_t row, int64_t m0);
 struct RowsFnTable {
@@ -73,6 +93,11 @@ struct VnniPlan {
 };
 VnniPlan make_vnni_plan(const AsyncArgs& a);
 const RowsKernels& vnni_kernels();
+
+// The AMX-INT8 path (gemm_async_dequant_amx.cpp) for a.m >= kAmxMinRows: all of a.y, plain or mixed layout,
+// table mode or not, in parallel (OpenMP). Only called at the amx level of cpu_isa.h.
+constexpr int64_t kAmxMinRows = 16;
+void amx_gemm(const AsyncArgs& a);
 
 }  // namespace async_cpu
 }  // namespace lowbit

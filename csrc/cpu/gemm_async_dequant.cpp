@@ -313,7 +313,7 @@ RowsKernels avx2_kernels() {
 // The row kernels of a CPU path (cpu_isa.h).
 const RowsKernels& kernels_for(int isa) {
 #ifdef LOWBIT_ASYNC_X86
-  if (isa == kIsaAvx512) return vnni_kernels();
+  if (isa >= kIsaAvx512) return vnni_kernels();
   static const RowsKernels avx2 = avx2_kernels();
   if (isa == kIsaAvx2) return avx2;
 #endif
@@ -421,18 +421,9 @@ std::vector<float> group_sums(const int8_t* xq, const float* d, int64_t m, int64
   return u;
 }
 
-// Runs fns over tasks of kRowsPerTask weight rows x kXRowsPerTask rows of x in parallel, a.y staged in fp32
-// when out is not, then stored; on the AVX-512 path (isa) with the plan its kernels read.
-void run_rows(AsyncArgs& a, const RowsFnTable& fns, int isa, const TensorView& out) {
+// Runs fns over tasks of kRowsPerTask weight rows x kXRowsPerTask rows of x in parallel into a.y.
+void run_tasks(const AsyncArgs& a, const RowsFnTable& fns) {
   const int64_t m = a.m, n = a.n;
-  VnniPlan plan;  // the AVX-512 kernels' staged activations
-  if (isa == kIsaAvx512) {
-    plan = make_vnni_plan(a);
-    a.vnni = &plan;
-  }
-  const bool direct = out.dtype == DType::f32;
-  std::vector<float> staging(direct ? 0 : size_t(m * n));
-  a.y = direct ? out.ptr<float>() : staging.data();
   const int64_t row_tasks = (n + kRowsPerTask - 1) / kRowsPerTask;
   const int64_t m_tasks = (m + kXRowsPerTask - 1) / kXRowsPerTask;
 #pragma omp parallel for schedule(static) if (m * n * a.k >= (int64_t(1) << 18))
@@ -444,11 +435,29 @@ void run_rows(AsyncArgs& a, const RowsFnTable& fns, int isa, const TensorView& o
       for (int64_t row = n0; row < n1; ++row) fn(a, row, m0);
     }
   }
+}
+
+// The GEMM on the path of isa: the AMX tiles for many rows of x, else the row kernels fns (the AVX-512 ones with
+// the plan they read); a.y staged in fp32 when out is not, then stored.
+void run_rows(AsyncArgs& a, const RowsFnTable& fns, int isa, const TensorView& out) {
+  const bool direct = out.dtype == DType::f32;
+  std::vector<float> staging(direct ? 0 : size_t(a.m * a.n));
+  a.y = direct ? out.ptr<float>() : staging.data();
+  if (isa >= kIsaAmx && a.m >= kAmxMinRows) {
+    amx_gemm(a);
+  } else {
+    VnniPlan plan;
+    if (isa >= kIsaAvx512) {
+      plan = make_vnni_plan(a);
+      a.vnni = &plan;
+    }
+    run_tasks(a, fns);
+  }
   if (direct) return;
   if (out.dtype == DType::f16)
-    store_rows<F16>(staging.data(), m * n, out.ptr<uint16_t>());
+    store_rows<F16>(staging.data(), a.m * a.n, out.ptr<uint16_t>());
   else
-    store_rows<BF16>(staging.data(), m * n, out.ptr<uint16_t>());
+    store_rows<BF16>(staging.data(), a.m * a.n, out.ptr<uint16_t>());
 }
 
 // The xq column of each run of a mixed segment.
@@ -471,7 +480,7 @@ void async_dequant_gemm_cpu(const AsyncGemmOperands& op) {
   const float* dp = op.d.ptr<float>();
   const bool table = op.table_q != nullptr;
   const std::vector<float> u = op.zeros ? group_sums(xqp, dp, m, kp, k, groups, group_size) : std::vector<float>();
-  std::vector<uint8_t> xa(table && isa != kIsaAvx512 ? size_t(m * kp) : 0);
+  std::vector<uint8_t> xa(table && isa < kIsaAvx512 ? size_t(m * kp) : 0);
   for (size_t i = 0; i < xa.size(); ++i) xa[i] = uint8_t(std::abs(int(xqp[i])));
   AsyncArgs a{xqp, xa.empty() ? nullptr : xa.data(), kp, dp, op.zeros ? u.data() : nullptr,
               static_cast<const uint8_t*>(op.packed.data), aligned_words_per_row(k, bits) * 4,

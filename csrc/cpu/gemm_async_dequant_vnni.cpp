@@ -27,20 +27,8 @@ namespace async_cpu {
 constexpr int kRunBytes = 32;
 
 VnniPlan make_vnni_plan(const AsyncArgs& a) {
-  struct Source {
-    int bits;
-    int64_t byte_offset, count;
-    const int64_t* xcol;  // nullptr: run r reads xq column 32 r
-  };
-  Source src[2];
-  int segments = 1;
-  if (a.mixed) {
-    src[0] = {4, a.mixed[0].byte_offset, a.mixed[0].count, a.mixed[0].xcol};
-    src[1] = {2, a.mixed[1].byte_offset, a.mixed[1].count, a.mixed[1].xcol};
-    segments = 2;
-  } else {
-    src[0] = {a.bits, 0, (a.k + kRunBytes - 1) / kRunBytes, nullptr};
-  }
+  RunSource src[2];
+  const int segments = run_sources(a, src);
   VnniPlan p;
   const int rpg = a.group_size / kRunBytes;
   int64_t x_offset = 0, fg_offset = 0;
@@ -56,7 +44,7 @@ VnniPlan make_vnni_plan(const AsyncArgs& a) {
   p.fg.resize(size_t(fg_offset));
   p.xs.assign(size_t(a.m * p.stride), 0);
   for (int i = 0; i < segments; ++i) {
-    const Source& s = src[i];
+    const RunSource& s = src[i];
     const VnniSegment& sg = p.seg[i];
     const int runs = 8 / s.bits, per_flush = std::min(rpg, runs), flushes = runs / per_flush;
     auto column = [&](int64_t r) { return s.xcol ? s.xcol[r] : kRunBytes * r; };

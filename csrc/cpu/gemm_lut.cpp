@@ -265,7 +265,7 @@ struct V {
 // ---- path selection (cpu_isa.h) --------------------------------------------------------------------------
 const LutKernels& kernels_for(int isa) {
 #if LOWBIT_LUT_X86
-  if (isa == kIsaAvx512) return avx512::kernels;
+  if (isa >= kIsaAvx512) return avx512::kernels;
   if (isa == kIsaAvx2) return avx2::kernels;
 #endif
   return portable::kernels;

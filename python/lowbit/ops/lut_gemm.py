@@ -6,7 +6,7 @@ canonical packed layout (``include/lowbit/pack.h``). An NF table gives the NF fo
 
 CPU: the kernel picks its own path by the number of rows of x (fused unpack + lookup + FMA for small M, a
 dequantized-tile GEMM for large M) and by the instruction set (AVX-512, AVX2, portable C++); the environment
-variable ``LOWBIT_CPU_ISA=scalar|avx2|avx512``, read once at the first call, forces a lower instruction set.
+variable ``LOWBIT_CPU_ISA=scalar|avx2|avx512|amx``, read once at the first call, forces a lower instruction set.
 """
 from __future__ import annotations
 
