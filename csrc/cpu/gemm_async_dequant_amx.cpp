@@ -38,6 +38,7 @@ namespace {
 constexpr int kTile = 16;           // rows of an accumulator tile, and its int32 columns
 constexpr int kPanelRows = 2 * kTile;  // weight rows per task
 constexpr int kBlockRows = 2 * kTile;  // rows of x per block
+constexpr int64_t kPrefetchGroups = 8;  // how many groups ahead a panel's codes are prefetched
 
 // The tile palette: tiles 0-3 accumulators (16 x 16 int32), 4-5 weight bytes (16 rows x step), 6-7 activations
 // (step / 4 rows x 64 bytes).
@@ -144,6 +145,18 @@ void unpack_group(const AsyncArgs& a, const Plan& p, int64_t n0, int64_t g, uint
   const Run* runs = p.runs.data() + p.first[size_t(g)];
   const int64_t count = p.first[size_t(g + 1)] - p.first[size_t(g)];
   const uint8_t* codes = a.packed + n0 * row_bytes;
+  // The bytes of a later group of each row, of this panel or of the next (a task's next, with the static
+  // schedule): 32 streams of row-strided lines are more than the hardware prefetcher follows from DRAM.
+  const int64_t ahead = (g + kPrefetchGroups) % a.groups, pn0 = n0 + (g + kPrefetchGroups) / a.groups * kPanelRows;
+  if (pn0 < a.n) {
+    const int64_t b0 = p.runs[size_t(p.first[size_t(ahead)])].byte;
+    const int64_t b1 = p.runs[size_t(p.first[size_t(ahead + 1)] - 1)].byte + 31;
+    const uint8_t* pcodes = a.packed + pn0 * row_bytes;
+    for (int i = 0, pr = int(std::min<int64_t>(kPanelRows, a.n - pn0)); i < pr; ++i) {
+      _mm_prefetch(reinterpret_cast<const char*>(pcodes + i * row_bytes + b0), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pcodes + i * row_bytes + b1), _MM_HINT_T0);
+    }
+  }
   for (int i = 0; i < rows; ++i) {
     const uint8_t* row = codes + i * row_bytes;
     uint8_t* dst = slice + (i / kTile) * half + (i % kTile) * step;
@@ -291,7 +304,7 @@ void amx_gemm(const AsyncArgs& a) {
     alignas(64) uint8_t slice[kPanelRows * 128] = {};
     std::vector<float> sp(size_t(a.groups * kPanelRows)), szp(sp.size());
     std::vector<float> acc(size_t(p.mpad * kPanelRows));
-#pragma omp for schedule(dynamic)
+#pragma omp for schedule(static)
     for (int64_t t = 0; t < panels; ++t) {
       if (a.tq) panel_task<true>(a, p, t * kPanelRows, slice, sp.data(), szp.data(), acc.data());
       else panel_task<false>(a, p, t * kPanelRows, slice, sp.data(), szp.data(), acc.data());
