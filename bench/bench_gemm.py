@@ -1,7 +1,7 @@
 """Quantized GEMM speed (y = x W^T) on the shapes of a 7B model's linears, M = 1, 4, 16, 64 rows of x: lowbit's
 LUT GEMM at 2/3/4 bits (affine codes, group 128; fp32 activations), the LUT GEMM for int8 activations (NF2/NF4
 tables through the async kernel's table mode), the async-dequant 2/4-bit GEMM (int8 activations), the mixed
-2/4-bit GEMM (2.5 bits on average) and VQ GEMM (2 bits/weight) against torch dense fp32 and bf16
+2/4-bit GEMM (2.5 bits on average) and VQ GEMM (2 bits/weight: AQLM 1x16 and 2x8) against torch dense fp32 and bf16
 and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through more memory than the L3
 (bench/memory.py), so the numbers are what a decoding step sees; GB/s counts the bytes of the weight's storage
 (codes + scales + zeros, or the dense matrix) and `of_bw` is that over the measured read bandwidth."""
@@ -116,6 +116,23 @@ def test_lowbit_vq_gemm_2bit(benchmark, k, n, m):
     def make():
         codes = torch.randint(-2**15, 2**15, (n, k // 8, 1), dtype=torch.int16)
         return codes, torch.rand(n).half()
+
+    operands = cycling(make)
+    x = torch.randn(m, k)
+    _run(benchmark, operands, lambda x, c, s: vq_gemm(x, c, codebooks, s), x)
+    _report(benchmark, nbytes(operands()))
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
+def test_lowbit_vq_gemm_2x8_2bit(benchmark, k, n, m):
+    """2 bits/weight of indices: two residual codebooks of 256 codewords of 8 weights (AQLM 2x8, the default of
+    lowbit's VQ quantizer). GB/s counts the int16 codes as stored (4 bits/weight)."""
+    _case(benchmark, k, n, m)
+    codebooks = (torch.randn(2, 256, 8) * 0.01).half()
+
+    def make():
+        return torch.randint(0, 256, (n, k // 8, 2), dtype=torch.int16), torch.rand(n).half()
 
     operands = cycling(make)
     x = torch.randn(m, k)
