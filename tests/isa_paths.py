@@ -1,5 +1,5 @@
-"""The CPU instruction-set paths this machine runs (from /proc/cpuinfo, independently of lowbit) and a context
-manager forcing one, so each SIMD kernel is tested on every path."""
+"""The CPU instruction-set paths this machine runs (from /proc/cpuinfo and, for AMX, the kernel's permission;
+independently of lowbit) and a context manager forcing one, so each SIMD kernel is tested on every path."""
 import contextlib
 
 from lowbit.ops import cpu_isa
@@ -10,6 +10,16 @@ def _cpu_flags() -> set:
         return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
 
 
+def _amx_permitted() -> bool:
+    """Whether Linux lets this process use the AMX tile data (arch_prctl ARCH_REQ_XCOMP_PERM, XTILEDATA)."""
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    return ctypes.CDLL(None, use_errno=True).syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) == 0
+
+
 def _supported_isas() -> list:
     flags = _cpu_flags()
     isas = ["scalar"]
@@ -17,7 +27,7 @@ def _supported_isas() -> list:
         isas.append("avx2")
         if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
             isas.append("avx512")
-            if {"amx_tile", "amx_int8"} <= flags:
+            if {"amx_tile", "amx_int8"} <= flags and _amx_permitted():
                 isas.append("amx")
     return isas
 
