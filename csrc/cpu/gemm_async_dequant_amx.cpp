@@ -50,7 +50,7 @@ struct alignas(64) TileConfig {
 };
 
 // One 32-code run of a row: where its chunk lies in the row, the shift and width of its codes, and where its
-// 32 bytes go in a group's slice (see Slice).
+// 32 bytes go in a group's slice (slice_col).
 struct Run {
   int64_t byte;
   int shift, bits;
@@ -141,7 +141,7 @@ void unpack_group(const AsyncArgs& a, const Plan& p, int64_t n0, int64_t g, uint
                               : _mm256_setzero_si256();
   const __m512i table512 = _mm512_broadcast_i64x4(table);
   const int rows = int(std::min<int64_t>(kPanelRows, a.n - n0));
-  const int64_t row_bytes = a.row_bytes, half = int64_t(kTile) * a.group_size, step = p.step;
+  const int64_t row_bytes = a.row_bytes;
   const Run* runs = p.runs.data() + p.first[size_t(g)];
   const int64_t count = p.first[size_t(g + 1)] - p.first[size_t(g)];
   const uint8_t* codes = a.packed + n0 * row_bytes;
@@ -159,7 +159,7 @@ void unpack_group(const AsyncArgs& a, const Plan& p, int64_t n0, int64_t g, uint
   }
   for (int i = 0; i < rows; ++i) {
     const uint8_t* row = codes + i * row_bytes;
-    uint8_t* dst = slice + (i / kTile) * half + (i % kTile) * step;
+    uint8_t* dst = slice + slice_row(i, a.group_size, p.step);
     for (int64_t r = 0; r < count; ++r) {
       const Run run = runs[r];
       const __m256i chunk = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + run.byte));
