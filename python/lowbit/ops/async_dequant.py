@@ -4,11 +4,10 @@ the aligned layout, with the activations quantized on the fly to int8 per row an
 The aligned layout (``include/lowbit/async_dequant.h``): each row is cut into chunks of 256 / bits codes stored in
 32 bytes; byte j of chunk t holds at bits [bits c, bits (c+1)) the code of k = (256 / bits) t + 32 c + j. One
 32-byte load and one shift + mask give 32 codes that meet 32 contiguous activations: wide, aligned loads on both
-backends (16-byte
-``cp.async`` copies, two stages deep, on CUDA; AVX2 ``vpmaddubsw`` or AVX-512 ``vpdpbusd`` on CPU, and from 16
-rows of x on, where the CPU has AMX-INT8, tile dot products over the codes unpacked group by group into L1, the
-same integers). :func:`prepare_async_dequant` makes it
-from the canonical layout of :func:`lowbit.ops.pack_uniform` (checkpoints keep the canonical layout).
+backends (16-byte ``cp.async`` copies, two stages deep, on CUDA; AVX2 ``vpmaddubsw`` or AVX-512 ``vpdpbusd`` on
+CPU, and from 16 rows of x on, where the CPU has AMX-INT8, tile dot products over the codes unpacked group by
+group into L1, the same integers). :func:`prepare_async_dequant` makes it from the canonical layout of
+:func:`lowbit.ops.pack_uniform` (checkpoints keep the canonical layout).
 
 Precision: x is rounded per (row, group) to int8 with scale max|x| / 127 (:func:`quantize_activations`); the GEMM
 is then exact in integers inside a group and fp32 across groups. The result equals ``x_q @ W_hat.T`` for the
