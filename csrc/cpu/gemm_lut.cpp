@@ -189,7 +189,10 @@ struct V {
   }
   template <int B>
   static __m256 lookup8(__m256i idx, const T& t) {
-    const __m256 lo = _mm256_permutevar8x32_ps(t.lo, idx);  // uses bits 0..2; entries 0..7 replicate for B <= 3
+    // 2-bit: the in-lane vpermilps (bits 0..1 of each index) is enough, as entries 4..7 repeat 0..3, and it is
+    // cheaper than the lane-crossing vpermps on AMD cores.
+    if constexpr (B == 2) return _mm256_permutevar_ps(t.lo, idx);
+    const __m256 lo = _mm256_permutevar8x32_ps(t.lo, idx);  // uses bits 0..2; entries 0..7 replicate for B == 3
     if constexpr (B < 4) return lo;
     const __m256 hi = _mm256_permutevar8x32_ps(t.hi, idx);
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 picks the half
