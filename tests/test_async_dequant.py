@@ -419,7 +419,7 @@ def test_torch_compile_fullgraph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 64])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 63])  # from 64 rows on CUDA takes the dense path (test_dense_path)
 @pytest.mark.parametrize("k,n,group_size", [(576, 64, 64), (4096, 1000, 128), (1000, 33, 32), (11008, 256, 128)])
 def test_cuda_matches_cpu(m, k, n, group_size, dtype, bits):
     x, codes, scales, zeros, y = run_case(m, k, n, group_size, dtype, seed=m + k, bits=bits)
@@ -436,7 +436,7 @@ def test_cuda_matches_cpu(m, k, n, group_size, dtype, bits):
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("m", [1, 4, 5, 64])
+@pytest.mark.parametrize("m", [1, 4, 5, 63])
 @pytest.mark.parametrize("k,n,group_size", [(576, 64, 64), (4096, 1000, 128), (1000, 33, 32)])
 def test_cuda_table_mode_matches_cpu(m, k, n, group_size, dtype, bits):
     x, codes, scales, zeros, table, y = run_table_case(m, k, n, group_size, dtype, bits, seed=m + k, with_zeros=True)

@@ -33,6 +33,24 @@ def test_forward_matches_dequantized(method, bits, m, dtype):
     assert err < tol, float(err)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("method,bits", [("rtn", 2), ("rtn", 3), ("rtn", 4), ("nf", 4), ("quip", 2), ("mixed", 2.5),
+                                         ("vq", 2)])
+@pytest.mark.parametrize("m", [1, 7, 128])  # 128: the dense path of lowbit.ops.dense_path
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_forward_matches_dequantized(method, bits, m, dtype):
+    lin = nn.Linear(576, 200, bias=True)
+    q = quantize_linear(lin, method, bits, 64, hessian=hessian(576), **(dict(iters=3) if method == "vq" else {}))
+    ref_w = q.dequantize().double()
+    q = q.cuda()
+    x = torch.randn(2, m, 576)
+    y = q(x.to(dtype).cuda())
+    assert y.is_cuda and y.dtype == dtype and y.shape == (2, m, 200)
+    ref = x.to(dtype).double() @ ref_w.T + lin.bias.double()
+    err = (y.cpu().double() - ref).abs().max() / ref.abs().max()
+    assert err < 3e-2, float(err)
+
+
 def test_state_dict_roundtrip_and_repr():
     lin = nn.Linear(128, 64)
     q = quantize_linear(lin, "mixed", 3, 32, hessian=hessian(128))

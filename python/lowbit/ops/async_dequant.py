@@ -18,6 +18,9 @@ Table mode (the ``lut`` format: ``W_hat = scales * (table[q] - zeros)``, e.g. NF
 once to int8 (:func:`prepare_lut_table`: scale max|table| / 127) and the kernel looks codes up in registers
 (``vpshufb`` on CPU, ``prmt`` on CUDA), so it is the LUT GEMM for int8 activations, exact in integers for the
 rounded table; each weight moves by at most ``scales * max|table| / 254`` from the fp32 table's value.
+
+CUDA from 64 rows of x on (:mod:`lowbit.ops.dense_path`): the weight is decoded once to x's dtype and multiplied
+by torch's matmul, the activations unrounded.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 
 from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
+from lowbit.ops.dense_path import dense_from_codes, dense_matmul, use_dense_path
 from lowbit.ops.pack import unpack
 
 Array = Union[torch.Tensor, np.ndarray]
@@ -76,6 +80,18 @@ def aligned_from_codes(codes: torch.Tensor, bits: int = 2) -> torch.Tensor:
     return chunk_bytes.reshape(n, kp // chunk * 32).view(torch.int32)
 
 
+def codes_from_aligned(packed: torch.Tensor, k: int, bits: int = 2) -> torch.Tensor:
+    """The codes (uint8 [N, k]) of a weight in the aligned layout: the inverse of :func:`aligned_from_codes`, in
+    torch ops on packed's device."""
+    _check_bits(bits)
+    n, words = packed.shape
+    chunk, runs = 256 // bits, 8 // bits
+    chunk_bytes = packed.contiguous().view(torch.uint8).view(n, words // 8, 1, 32)
+    shifts = (torch.arange(runs, dtype=torch.uint8, device=packed.device) * bits).view(1, 1, runs, 1)
+    by_run = (chunk_bytes >> shifts) & (2**bits - 1)  # [n, chunk, c, j]: k = chunk_codes * t + 32 * c + j
+    return by_run.reshape(n, words // 8 * chunk)[:, :k]
+
+
 def prepare_async_dequant(packed: Array, k: int, bits: int = 2) -> torch.Tensor:
     """Re-lays a canonical packed weight (int32 [N, ceil(K/32)*bits], from pack_uniform) into the aligned layout
     the GEMM reads, on the same device. Done once, at load time."""
@@ -122,6 +138,10 @@ def prepare_lut_table(table: Array, bits: int) -> tuple[torch.Tensor, torch.Tens
 def _async_dequant_gemm_impl(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                              zeros: Optional[torch.Tensor], table_q: Optional[torch.Tensor],
                              table_scale: Optional[torch.Tensor], bits: int, group_size: int) -> torch.Tensor:
+    if use_dense_path(x):  # CUDA, large M: unrounded activations times the decoded weight
+        values = None if table_q is None else table_q[:2**bits].to(torch.float32) * table_scale
+        codes = codes_from_aligned(packed, x.shape[1], bits)
+        return dense_matmul(x, dense_from_codes(codes, values, scales, zeros, group_size, x.dtype))
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
     if x.device.type == "cpu":  # one native call: the activations are quantized inside it
         _C.async_dequant_gemm_float(capsule(x), capsule(packed), capsule(scales), capsule(zeros), capsule(table_q),
@@ -238,5 +258,6 @@ def async_dequant_gemm(x: Array, packed: Array, scales: Array, zeros: Optional[A
     return with_numpy(run, x)
 
 
-__all__ = ["async_dequant_gemm", "prepare_async_dequant", "prepare_lut_table", "aligned_from_codes", "aligned_words_per_row",
-           "quantize_activations", "ASYNC_DEQUANT_BITS", "ASYNC_DEQUANT_GROUP_SIZES"]
+__all__ = ["async_dequant_gemm", "prepare_async_dequant", "prepare_lut_table", "aligned_from_codes",
+           "codes_from_aligned", "aligned_words_per_row", "quantize_activations",
+           "ASYNC_DEQUANT_BITS", "ASYNC_DEQUANT_GROUP_SIZES"]

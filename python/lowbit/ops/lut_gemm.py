@@ -7,6 +7,7 @@ canonical packed layout (``include/lowbit/pack.h``). An NF table gives the NF fo
 CPU: the kernel picks its own path by the number of rows of x (fused unpack + lookup + FMA for small M, a
 dequantized-tile GEMM for large M) and by the instruction set (AVX-512, AVX2, portable C++); the environment
 variable ``LOWBIT_CPU_ISA=scalar|avx2|avx512|amx``, read once at the first call, forces a lower instruction set.
+CUDA: the fused kernel below 64 rows of x, the dense path from there on (:mod:`lowbit.ops.dense_path`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import numpy as np
 import torch
 
 from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
+from lowbit.ops.dense_path import dense_from_codes, dense_matmul, use_dense_path
+from lowbit.ops.pack import _unpack_op
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -27,6 +30,9 @@ _CODE_DTYPES = (torch.int32, torch.uint32)
 
 def _lut_gemm_impl(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
                    table: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    if use_dense_path(x):
+        codes = _unpack_op(packed, bits, x.shape[1])
+        return dense_matmul(x, dense_from_codes(codes, table, scales, zeros, group_size, x.dtype))
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
     _C.lut_gemm(capsule(x), capsule(packed), capsule(scales), capsule(zeros), capsule(table), capsule(out), bits,
                 group_size, stream_of(x))

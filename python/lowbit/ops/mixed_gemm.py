@@ -6,7 +6,8 @@ as in :func:`lowbit.ops.async_dequant_gemm`.
 groups (in K order) become a 4-bit aligned segment, those of the 2-bit groups a 2-bit one after it, and two run
 maps (``runs4``, ``runs2``) say which 32 columns of x each segment run multiplies. The kernel walks both segments
 of a row in one pass (the width is fixed per segment: no branch per element) and reads x in place, so neither x
-nor the output is gathered or split (``include/lowbit/async_dequant.h``).
+nor the output is gathered or split (``include/lowbit/async_dequant.h``). On CUDA from 64 rows of x on, the
+weight is decoded once and multiplied by torch's matmul instead (:mod:`lowbit.ops.dense_path`).
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import torch
 
 from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
 from lowbit.ops.async_dequant import (_check_group_size, _quantize_activations_impl, aligned_from_codes,
-                                      aligned_words_per_row, check_group_params)
+                                      aligned_words_per_row, check_group_params, codes_from_aligned)
+from lowbit.ops.dense_path import dense_from_codes, dense_matmul, use_dense_path
 from lowbit.ops.pack import _group_bits_tensor, unpack_mixed
 
 Array = Union[torch.Tensor, np.ndarray]
@@ -60,8 +62,24 @@ def prepare_mixed_gemm(packed: Array, group_bits: Union[Array, Sequence[int]], g
                            segments[1][1])
 
 
+def codes_from_mixed_gemm(packed: torch.Tensor, runs4: torch.Tensor, runs2: torch.Tensor, k: int) -> torch.Tensor:
+    """The codes (uint8 [N, k]) of a weight in the mixed aligned layout of :func:`prepare_mixed_gemm` (given as
+    its three tensors), in torch ops on packed's device."""
+    n, kruns = packed.shape[0], runs4.numel() + runs2.numel()
+    words4 = aligned_words_per_row(32 * runs4.numel(), 4)
+    by_run = torch.empty(n, kruns, 32, dtype=torch.uint8, device=packed.device)
+    for segment, runs, bits in ((packed[:, :words4], runs4, 4), (packed[:, words4:], runs2, 2)):
+        if runs.numel():
+            codes = codes_from_aligned(segment, 32 * runs.numel(), bits)
+            by_run[:, runs.to(torch.int64)] = codes.reshape(n, runs.numel(), 32)
+    return by_run.reshape(n, kruns * 32)[:, :k]
+
+
 def _mixed_gemm_impl(x: torch.Tensor, packed: torch.Tensor, runs4: torch.Tensor, runs2: torch.Tensor,
                      scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    if use_dense_path(x):  # CUDA, large M: unrounded activations times the decoded weight
+        codes = codes_from_mixed_gemm(packed, runs4, runs2, x.shape[1])
+        return dense_matmul(x, dense_from_codes(codes, None, scales, zeros, group_size, x.dtype))
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
     if x.device.type == "cpu":  # one native call: the activations are quantized inside it
         _C.mixed_gemm_float(capsule(x), capsule(packed), capsule(runs4), capsule(runs2), capsule(scales),

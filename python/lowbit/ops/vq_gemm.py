@@ -9,7 +9,8 @@ float16 [N] and R in {1, 2}. c = 16, R = 1 and c = 8, R = 2 are both 2 bits per 
 CPU strategies (``strategy=``): "decode" gathers codewords and FMAs them into x (for M >= 64 it decodes tiles
 of W_hat and runs a blocked GEMM); "lut" (AQLM) builds the dot products of x with every codeword once per call
 and sums N * K/8 * R table lookups per row of x; "auto" (default) compares estimated costs
-(:func:`vq_gemm_cpu_strategy` says which it picks). CUDA has one kernel and ignores the strategy.
+(:func:`vq_gemm_cpu_strategy` says which it picks). CUDA has one kernel and ignores the strategy; from 64 rows
+of x on it decodes W_hat once (:func:`vq_dequantize`) and multiplies by torch's matmul (:mod:`lowbit.ops.dense_path`).
 Indices >= E raise ValueError on the CPU (naming the first bad (n, j, r)); the CUDA kernels mask them with E - 1.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
+from lowbit.ops.dense_path import dense_matmul, use_dense_path
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -35,6 +37,8 @@ _CODE_DTYPES = (torch.int16,) if _UINT16 is None else (torch.int16, _UINT16)
 
 def _vq_gemm_impl(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
                   strategy: str) -> torch.Tensor:
+    if use_dense_path(x):  # CUDA, large M: decode once, then torch's matmul
+        return dense_matmul(x, _vq_dequantize_op(codes, codebooks, scales, x.dtype))
     out = torch.empty(x.shape[0], codes.shape[0], dtype=x.dtype, device=x.device)
     _C.vq_gemm(capsule(x), capsule(codes), capsule(codebooks), capsule(scales), capsule(out), strategy,
                stream_of(x))
