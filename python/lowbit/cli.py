@@ -264,7 +264,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", metavar="PREFIX", help="output prefix (default: lowbit-bench-<hostname> in the current "
                                                    "directory; with --plot-only: the results file without .json)")
     b.add_argument("-k", metavar="EXPR", help="pytest -k expression, e.g. 'lut_gemm and 4096x4096'")
-    b.add_argument("--families", help="comma-separated benchmark files to run: gemm,hadamard,kv,pack (default: all)")
+    b.add_argument("--families", help="comma-separated benchmark files to run: gemm,hadamard,kv,pack,cuda_gemm,"
+                   "cuda_kernels (default: all; the cuda_ ones skip without a GPU)")
     b.add_argument("--bench-dir", help="directory of bench_*.py (default: the benchmarks installed with lowbit)")
     b.add_argument("--ppl", help="perplexity-vs-bits JSON for the second panel (default: smollm2_ppl.json next to "
                                  "the results or in BENCH_DIR/results/, else the panel is skipped)")
