@@ -171,6 +171,19 @@ def test_dtypes(isa, dtype, bits, m):
         assert torch.equal(y, run(x.float(), w).to(dtype))
 
 
+# The 2-bit pair-table GEMV (AVX-512, up to 4 rows of x): 32 weight rows per task (N = 31, 33, 69 leave a
+# partial task), 16 code words per transposed chunk (K = 300: one partial chunk; 4100: 17 chunks, the last of
+# 2 words), every group size, tables with and without zeros.
+@pytest.mark.parametrize("k,n", [(300, 33), (4100, 69), (576, 31)])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("table,zeros", [("nf", False), ("identity", True), ("random", True)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
+def test_two_bit_few_rows(isa, m, k, n, group_size, table, zeros):
+    w = make_weight(n, k, 2, group_size, table, zeros, seed=m + k + group_size)
+    x = make_x((m, k))
+    assert_matches(run(x, w), x, w.dense())
+
+
 @given(m=st.integers(1, 80), k=st.integers(1, 300), n=st.integers(1, 40), bits=st.sampled_from([2, 3, 4]),
        group_size=st.sampled_from([32, 64, 128]), dtype=st.sampled_from(DTYPES),
        table=st.sampled_from(["nf", "identity", "random"]), zeros=st.booleans(),

@@ -6,7 +6,8 @@
 //   M >= kLargeM: tiles of 64 rows x 1024 codes of W dequantized to fp32 in a thread-local buffer, then a
 //                register-blocked dot-product GEMM over the tile.
 // One kernel set per instruction set (AVX-512, AVX2 + FMA, portable C++), from gemm_lut_isa.inc, chosen at
-// run time (cpu_isa.h).
+// run time (cpu_isa.h). 2-bit codes with at most kLutPairMaxRows rows of x on AVX-512 take the pair-table GEMV
+// of gemm_lut_pairs.cpp instead.
 #include "lowbit/lut_gemm.h"
 
 #include <algorithm>
@@ -24,6 +25,7 @@
 #include "lowbit/cpu_isa.h"
 #include "lowbit/element_io.h"
 #include "lowbit/half.h"
+#include "lut_pairs.h"
 
 namespace lowbit {
 namespace {
@@ -288,7 +290,8 @@ void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorVie
   if (!lut_gemm_bits_ok(bits)) throw std::invalid_argument("lut_gemm: bits must be 2, 3 or 4, got " + std::to_string(bits));
   if (!lut_gemm_group_ok(group_size))
     throw std::invalid_argument("lut_gemm: group_size must be 32, 64 or 128, got " + std::to_string(group_size));
-  const LutKernels& kern = kernels_for(cpu_isa());
+  const int isa = cpu_isa();
+  const LutKernels& kern = kernels_for(isa);
   const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
   if (m == 0 || n == 0) return;
   const int64_t blocks = blocks_for(k), kp = blocks * kCodesPerBlock, mpad = (m + 3) / 4 * 4;
@@ -298,6 +301,17 @@ void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorVie
   float* y = out.dtype == DType::f32 ? out.ptr<float>() : ybuf.data();
   if (blocks == 0) {
     std::fill(y, y + m * n, 0.0f);
+  } else if (bits == 2 && m <= kLutPairMaxRows && isa >= kIsaAvx512) {
+    std::vector<float> xn(size_t(m * kp), 0.0f);  // x in fp32, natural order, zero-padded to kp
+    by_dtype(x.dtype, "lut_gemm", "x", [&](auto io) {
+      using IO = decltype(io);
+      const auto* src = static_cast<const typename IO::storage*>(x.data);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t c = 0; c < k; ++c) xn[i * kp + c] = IO::load(src, i * k + c);
+    });
+    lut2_pairs_gemv_avx512({packed.ptr<uint32_t>(), words_per_row(k, bits), scales.ptr<uint16_t>(),
+                            zeros ? zeros->ptr<uint16_t>() : nullptr, groups_for(k, group_size), group_size,
+                            table.ptr<float>(), xn.data(), y, m, n});
   } else {
     std::vector<float> xs(size_t(mpad * kp), 0.0f);
     const char* xsrc = static_cast<const char*>(x.data);
