@@ -4,10 +4,11 @@
 // one vpermps looks up two codes of 16 weight rows at once and one add accumulates them, the products being in
 // the table. Weight rows are read 32 at a time (two 16-lane halves): 16 code words of each of 16 rows are
 // transposed in registers so that lane r of a vector holds row r's word, whose 8 code pairs come out by shifts
-// of 4 (vpermps reads bits 0-3 of each index). At the end of each group the sums are multiplied by the rows'
-// scales, transposed the same way once per task, and zero * sum(x over the group) is subtracted. Per two codes
-// of 16 rows that is a shift, a permute and an add, half the vector work per code of the per-row lookup in
-// gemm_lut_isa.inc, which bounds that kernel at M = 1 on cores that run 512-bit ops on two ports.
+// of 4 (vpermps reads bits 0-3 of each index). At the end of each group zero * sum(x over the group) is
+// subtracted from the sums and they are multiplied by the scales (scales and zeros transposed the same way,
+// once per task). Per two codes of 16 rows that is a shift, a permute and an add, half the vector work per
+// code of the per-row lookup in gemm_lut_isa.inc, which bounds that kernel at M = 1 on cores that run 512-bit
+// ops on two ports.
 #include "lut_pairs.h"
 
 #include <algorithm>
@@ -71,40 +72,31 @@ LOWBIT_PAIRS void build_pair_tables(const float* t, const float* x, int64_t pair
                     _mm512_fmadd_ps(tb, _mm512_set1_ps(x[2 * p + 1]), _mm512_mul_ps(ta, _mm512_set1_ps(x[2 * p]))));
 }
 
-// Per-task scale rows, transposed: st[g * 32 + r] = scale of row r and group g, szt the same for scale * zero.
-struct TaskScales {
-  std::vector<float> st, szt;
-};
-
-LOWBIT_PAIRS void transpose_scales(const LutPairArgs& a, const int64_t* n_of, TaskScales& ts) {
+// The fp16 scale and zero of each row and group of a task, as one 32-bit word (scale in the low half, zero in the
+// high half), transposed: words[g * 32 + r] for row r and group g.
+LOWBIT_PAIRS void transpose_scales(const LutPairArgs& a, const int64_t* n_of, uint32_t* words) {
   const int64_t chunks = (a.groups + 15) / 16;
   for (int h = 0; h < 2; ++h)
     for (int64_t c = 0; c < chunks; ++c) {
       const int left = int(std::min<int64_t>(16, a.groups - c * 16));
       const __mmask16 mask = __mmask16((1u << left) - 1);
-      __m512i s[16], sz[16];
+      __m512i v[16];
       for (int r = 0; r < 16; ++r) {
         const int64_t off = n_of[16 * h + r] * a.groups + c * 16;
-        const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, a.scales + off));
-        s[r] = _mm512_castps_si512(sv);
-        if (a.zeros) {
-          const __m512 zv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, a.zeros + off));
-          sz[r] = _mm512_castps_si512(_mm512_mul_ps(sv, zv));
-        }
+        v[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, a.scales + off));
+        if (a.zeros)
+          v[r] = _mm512_or_si512(v[r], _mm512_slli_epi32(
+                                           _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, a.zeros + off)), 16));
       }
-      transpose16(s);
-      if (a.zeros) transpose16(sz);
-      for (int g = 0; g < left; ++g) {
-        _mm512_storeu_si512(ts.st.data() + (c * 16 + g) * kRows + 16 * h, s[g]);
-        if (a.zeros) _mm512_storeu_si512(ts.szt.data() + (c * 16 + g) * kRows + 16 * h, sz[g]);
-      }
+      transpose16(v);
+      for (int g = 0; g < left; ++g) _mm512_storeu_si512(words + (c * 16 + g) * kRows + 16 * h, v[g]);
     }
 }
 
 // Outputs y[0..MR) x [n0, n0 + 32) from the pair tables of MR rows of x (tables: [MR][wpr * 8 * 16], xg: the
 // sums of x over each group, [MR][groups]). NA accumulators per row of x and half break the add chains.
 template <int MR>
-LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const float* xg, int64_t n0, TaskScales& ts) {
+LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const float* xg, int64_t n0, uint32_t* sz) {
   constexpr int NA = MR >= 3 ? 1 : 2;
   int64_t n_of[kRows];
   const uint32_t* rows[kRows];
@@ -112,7 +104,7 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
     n_of[r] = std::min(n0 + r, a.n - 1);  // rows past N repeat the last one; their outputs are dropped
     rows[r] = a.packed + n_of[r] * a.wpr;
   }
-  transpose_scales(a, n_of, ts);
+  transpose_scales(a, n_of, sz);
   const int64_t tstride = a.wpr * kPairsPerWord * kEntries;
   const int wpg = a.group_size / 16;  // words per group: 2, 4 or 8, dividing kChunkWords
   // The next task's rows (this thread's next under a static schedule) follow this task's in memory: a few of
@@ -157,15 +149,15 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
         }
       }
       const int64_t g = (wb + w0) / wpg;  // fold the group's sums into y
-      for (int h = 0; h < 2; ++h) {
-        const __m512 s = _mm512_loadu_ps(ts.st.data() + g * kRows + 16 * h);
+      for (int h = 0; h < 2; ++h) {  // y += scale * (sum - zero * sum(x over the group))
+        const __m512i words_sz = _mm512_loadu_si512(sz + g * kRows + 16 * h);
+        const __m512 s = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(words_sz));
+        const __m512 z = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(words_sz, 16)));
         for (int m = 0; m < MR; ++m) {
           __m512 sum = acc[m][h][0];
           for (int i = 1; i < NA; ++i) sum = _mm512_add_ps(sum, acc[m][h][i]);
+          if (a.zeros) sum = _mm512_fnmadd_ps(z, _mm512_set1_ps(xg[m * a.groups + g]), sum);
           y[m][h] = _mm512_fmadd_ps(s, sum, y[m][h]);
-          if (a.zeros)
-            y[m][h] = _mm512_fnmadd_ps(_mm512_loadu_ps(ts.szt.data() + g * kRows + 16 * h),
-                                       _mm512_set1_ps(xg[m * a.groups + g]), y[m][h]);
           for (int i = 0; i < NA; ++i) acc[m][h][i] = _mm512_setzero_ps();
         }
       }
@@ -180,15 +172,25 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
     }
 }
 
+// The pair tables of MR rows of x and their sums over each group (group by group, in parallel), then the tasks.
 template <int MR>
-void run_tasks(const LutPairArgs& a, const float* tables, const float* xg) {
-  const int64_t tasks = (a.n + kRows - 1) / kRows;
+void run_tasks(const LutPairArgs& a, float* tables, float* xg) {
+  const int64_t tasks = (a.n + kRows - 1) / kRows, kp = a.wpr * 16, tstride = a.wpr * kPairsPerWord * kEntries;
 #pragma omp parallel
   {
-    TaskScales ts{std::vector<float>(size_t(a.groups * kRows)),
-                  std::vector<float>(a.zeros ? size_t(a.groups * kRows) : 0)};
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) pair_task<MR>(a, tables, xg, t * kRows, ts);
+    for (int64_t mg = 0; mg < MR * a.groups; ++mg) {
+      const int64_t m = mg / a.groups, g = mg % a.groups;
+      const int64_t k0 = g * a.group_size, k1 = std::min<int64_t>(kp, k0 + a.group_size);  // k1 - k0: even
+      const float* x = a.x + m * kp;
+      build_pair_tables(a.table, x + k0, (k1 - k0) / 2, tables + m * tstride + k0 / 2 * kEntries);
+      float sum = 0.0f;
+      for (int64_t k = k0; k < k1; ++k) sum += x[k];
+      xg[mg] = sum;
+    }
+    std::vector<uint32_t> sz(size_t(a.groups * kRows));
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) pair_task<MR>(a, tables, xg, t * kRows, sz.data());
   }
 }
 
@@ -196,17 +198,10 @@ void run_tasks(const LutPairArgs& a, const float* tables, const float* xg) {
 
 void lut2_pairs_gemv_avx512(const LutPairArgs& a) {
   if (a.m < 1 || a.m > kLutPairMaxRows) throw std::invalid_argument("lut2_pairs_gemv: m out of range");
-  const int64_t pairs = a.wpr * kPairsPerWord, kp = a.wpr * 16, tstride = pairs * kEntries;
+  const int64_t tstride = a.wpr * kPairsPerWord * kEntries;
   const std::unique_ptr<float[]> storage(new float[size_t(a.m * tstride + kEntries)]);  // 64-byte aligned below
   float* tables = storage.get() + (kEntries - (reinterpret_cast<uintptr_t>(storage.get()) / 4) % kEntries) % kEntries;
-  std::vector<float> xg(size_t(a.m * a.groups), 0.0f);
-  for (int64_t m = 0; m < a.m; ++m) {
-    const float* x = a.x + m * kp;
-    build_pair_tables(a.table, x, pairs, tables + m * tstride);
-    for (int64_t g = 0; g < a.groups; ++g)
-      for (int64_t k = g * a.group_size; k < std::min<int64_t>(kp, (g + 1) * a.group_size); ++k)
-        xg[m * a.groups + g] += x[k];
-  }
+  std::vector<float> xg(size_t(a.m * a.groups));
   switch (a.m) {
     case 1: run_tasks<1>(a, tables, xg.data()); break;
     case 2: run_tasks<2>(a, tables, xg.data()); break;
