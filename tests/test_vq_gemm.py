@@ -98,7 +98,7 @@ def test_dequantize_rounding_extremes(dtype):
 
 
 @pytest.mark.parametrize("r", VQ_CODEBOOKS)
-@pytest.mark.parametrize("k,n", [(8, 129), (24, 7), (576, 64), (1000, 1)])
+@pytest.mark.parametrize("k,n", [(8, 129), (24, 7), (576, 64), (576, 130), (1000, 1)])  # 130: 3 blocks of lut rows
 @pytest.mark.parametrize("m", [1, 2, 3, 7, 16, 33, 128])
 def test_shapes_all_strategies(m, k, n, r):
     codes, cb, s = make_weight(n, k, r, 256, seed=m * k + n)

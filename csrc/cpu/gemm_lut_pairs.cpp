@@ -12,9 +12,10 @@
 #include "lut_pairs.h"
 
 #include <algorithm>
-#include <memory>
 #include <stdexcept>
 #include <vector>
+
+#include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define LOWBIT_PAIRS_X86 1
@@ -199,8 +200,9 @@ void run_tasks(const LutPairArgs& a, float* tables, float* xg) {
 void lut2_pairs_gemv_avx512(const LutPairArgs& a) {
   if (a.m < 1 || a.m > kLutPairMaxRows) throw std::invalid_argument("lut2_pairs_gemv: m out of range");
   const int64_t tstride = a.wpr * kPairsPerWord * kEntries;
-  const std::unique_ptr<float[]> storage(new float[size_t(a.m * tstride + kEntries)]);  // 64-byte aligned below
-  float* tables = storage.get() + (kEntries - (reinterpret_cast<uintptr_t>(storage.get()) / 4) % kEntries) % kEntries;
+  std::vector<float> owned;
+  float* const raw = scratch_floats(size_t(a.m * tstride + kEntries), owned);
+  float* tables = raw + (kEntries - (reinterpret_cast<uintptr_t>(raw) / 4) % kEntries) % kEntries;  // 64-byte aligned
   std::vector<float> xg(size_t(a.m * a.groups));
   switch (a.m) {
     case 1: run_tasks<1>(a, tables, xg.data()); break;

@@ -10,7 +10,8 @@
 //   lut (AQLM): T[m][p][e] = x[m, 8j .. 8j+8) . codebooks[r, e] for every vector p = j * R + r and entry e,
 //       built once per call (for as many rows of x at a time as fit in 64 MiB), then
 //       y[m, n] = scale[n] * sum_p T[m][p][codes[n, p]]: N * J * R lookups per row of x instead of N * K FMAs,
-//       16 at a time with AVX-512 gathers.
+//       16 at a time with AVX-512 gathers, blocked so that the slices of T a gather reads stay in L1 (T is
+//       scratch memory kept between calls, scratch.h).
 // The auto rule (vq_gemm_cpu_choice) compares estimated costs, see kCost* below.
 // Index checks: kernels mask every code with E - 1 (reads stay in bounds) and OR the raw codes together; when
 // the OR has a bit at or above E, the codes are scanned and std::invalid_argument names the first bad (n, j, r).
@@ -25,6 +26,7 @@
 
 #include "lowbit/cpu_isa.h"
 #include "lowbit/element_io.h"
+#include "scratch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define LOWBIT_VQ_X86 1
@@ -44,6 +46,7 @@ constexpr int kTileN = 32;                      // weight rows per decoded tile
 constexpr int64_t kTileK = 256;                 // columns per decoded tile (32 vectors: 32 KiB of fp32)
 constexpr int kMicroM = 6;                      // rows of x per GEMM micro-kernel (x 16 columns)
 constexpr int64_t kRowChunk = 16;               // weight rows per OpenMP work item in the small-M kernel
+constexpr int kLutRowBlock = 64;                // weight rows per work item of the AVX-512 lut kernel
 constexpr int64_t kF32TableMaxEntries = 32768;  // E * R above which codewords are read as fp16 (with F16C)
 constexpr int64_t kLutBudget = int64_t(64) << 20;  // bytes of T built at a time
 // Cost estimates (cycles on one core, measured on an AVX-512 Xeon) for the auto rule.
@@ -239,52 +242,43 @@ LOWBIT_ISA_CLONES uint32_t lut_rows_scalar(const VqLut& a, int64_t n0, int64_t n
 }
 
 #ifdef LOWBIT_VQ_X86
-// As lut_rows_scalar, 16 lookups per gather; the indices of 16 codes are computed once for up to 4 rows of x.
-template <int MR>
-__attribute__((target("avx512f"))) inline void lut_row_avx512(const VqLut& a, int64_t m0, int64_t n, __m512i& seen) {
-  const uint16_t* c = a.codes + n * a.p;
-  const __m512i mask = _mm512_set1_epi32(int(a.mask));
-  const __m512i step = _mm512_set1_epi32(int(16 * a.e));
-  __m512i base = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                    _mm512_set1_epi32(int(a.e)));
-  __m512 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
-  int64_t p = 0;
-  for (; p + 16 <= a.p; p += 16) {
-    const __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + p)));
-    seen = _mm512_or_si512(seen, raw);
-    const __m512i idx = _mm512_add_epi32(base, _mm512_and_si512(raw, mask));
-    base = _mm512_add_epi32(base, step);
-    for (int m = 0; m < MR; ++m)
-      acc[m] = _mm512_add_ps(acc[m], _mm512_i32gather_ps(idx, a.t + (m0 + m) * a.p * a.e, 4));
-  }
-  const float s = half_to_float(a.scales[n]);
-  uint32_t tail_seen = 0;
-  for (int m = 0; m < MR; ++m) {
-    const float* t = a.t + (m0 + m) * a.p * a.e;
-    float tail = 0.0f;
-    for (int64_t q = p; q < a.p; ++q) {
-      tail_seen |= c[q];
-      tail += t[q * a.e + (c[q] & a.mask)];
-    }
-    a.y[(m0 + m) * a.n + n] = s * (_mm512_reduce_add_ps(acc[m]) + tail);
-  }
-  seen = _mm512_or_si512(seen, _mm512_set1_epi32(int(tail_seen)));
-}
-
+// As lut_rows_scalar for at most kLutRowBlock weight rows, 16 lookups per gather (lanes: 16 consecutive vectors
+// p of a row). The loops run over blocks of 16 vectors, then rows, so that a gather reads the block's 16 slices
+// of T (16 * E entries: 16 KiB for E = 256) from L1 for every row of the block; each row keeps its 16 running
+// sums (in the same order as one row at a time would) across the blocks.
 __attribute__((target("avx512f"))) uint32_t lut_rows_avx512(const VqLut& a, int64_t n0, int64_t n1) {
+  const __m512i mask = _mm512_set1_epi32(int(a.mask));
+  const __m512i lane_base = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(int(a.e)));
+  const int rows = int(n1 - n0);
+  const int64_t full = a.p / 16 * 16;
   __m512i seen = _mm512_setzero_si512();
-  for (int64_t n = n0; n < n1; ++n) {
-    int64_t m0 = 0;
-    for (; m0 + 4 <= a.mc; m0 += 4) lut_row_avx512<4>(a, m0, n, seen);
-    switch (a.mc - m0) {
-      case 1: lut_row_avx512<1>(a, m0, n, seen); break;
-      case 2: lut_row_avx512<2>(a, m0, n, seen); break;
-      case 3: lut_row_avx512<3>(a, m0, n, seen); break;
-      default: break;
+  uint32_t tail_seen = 0;
+  __m512 acc[kLutRowBlock];
+  for (int64_t m = 0; m < a.mc; ++m) {
+    const float* t = a.t + m * a.p * a.e;
+    for (int i = 0; i < rows; ++i) acc[i] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < full; p += 16) {
+      const float* block = t + p * a.e;
+      for (int i = 0; i < rows; ++i) {
+        const uint16_t* c = a.codes + (n0 + i) * a.p + p;
+        const __m512i raw = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(c)));
+        seen = _mm512_or_si512(seen, raw);
+        const __m512i idx = _mm512_add_epi32(lane_base, _mm512_and_si512(raw, mask));
+        acc[i] = _mm512_add_ps(acc[i], _mm512_i32gather_ps(idx, block, 4));
+      }
+    }
+    for (int i = 0; i < rows; ++i) {
+      const uint16_t* c = a.codes + (n0 + i) * a.p;
+      float tail = 0.0f;
+      for (int64_t q = full; q < a.p; ++q) {
+        tail_seen |= c[q];
+        tail += t[q * a.e + (c[q] & a.mask)];
+      }
+      a.y[m * a.n + n0 + i] = half_to_float(a.scales[n0 + i]) * (_mm512_reduce_add_ps(acc[i]) + tail);
     }
   }
-  return uint32_t(_mm512_reduce_or_epi32(seen));
+  return uint32_t(_mm512_reduce_or_epi32(seen)) | tail_seen;
 }
 #endif
 
@@ -363,7 +357,8 @@ uint32_t run_lut(const VqGemm& g, const uint16_t* codebooks, int64_t e) {
                                 " table entries per row of x, more than 2^31 - 1; use the decode strategy");
   const std::vector<float> cbt = codebooks_f32(codebooks, g.r, e, true);
   const int64_t mc_max = std::max<int64_t>(1, std::min(g.m, kLutBudget / (p * e * int64_t(sizeof(float)))));
-  std::vector<float> t(size_t(mc_max * p * e));
+  std::vector<float> owned;
+  float* const tdata = scratch_floats(size_t(mc_max * p * e), owned);
   const bool avx512 = cpu_has_avx512();
   uint32_t seen = 0;
   for (int64_t m0 = 0; m0 < g.m; m0 += mc_max) {
@@ -374,12 +369,12 @@ uint32_t run_lut(const VqGemm& g, const uint16_t* codebooks, int64_t e) {
     for (int64_t m = 0; m < mc; ++m)
       for (int64_t it = 0; it < items; ++it)
         lut_build(g.x + (m0 + m) * g.k, cbt.data(), g.r, e, it * build_chunk, std::min(p, (it + 1) * build_chunk),
-                  t.data() + m * p * e);
-    const VqLut a{t.data(), g.codes, g.scales, g.y + m0 * g.n, mc, g.n, p, e, g.mask};
-    const int64_t chunks = (g.n + kRowChunk - 1) / kRowChunk;
+                  tdata + m * p * e);
+    const VqLut a{tdata, g.codes, g.scales, g.y + m0 * g.n, mc, g.n, p, e, g.mask};
+    const int64_t chunk = avx512 ? kLutRowBlock : kRowChunk, chunks = (g.n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(dynamic) reduction(| : seen)
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t n0 = c * kRowChunk, n1 = std::min(g.n, n0 + kRowChunk);
+      const int64_t n0 = c * chunk, n1 = std::min(g.n, n0 + chunk);
 #ifdef LOWBIT_VQ_X86
       if (avx512) {
         seen |= lut_rows_avx512(a, n0, n1);
