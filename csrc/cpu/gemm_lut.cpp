@@ -6,8 +6,8 @@
 //   M >= kLargeM: tiles of 64 rows x 1024 codes of W dequantized to fp32 in a thread-local buffer, then a
 //                register-blocked dot-product GEMM over the tile.
 // One kernel set per instruction set (AVX-512, AVX2 + FMA, portable C++), from gemm_lut_isa.inc, chosen at
-// run time (cpu_isa.h). 2-bit codes with at most kLutPairMaxRows rows of x on AVX-512 take the pair-table GEMV
-// of gemm_lut_pairs.cpp instead.
+// run time (cpu_isa.h). 2-bit codes with at most kLutPairMaxRows rows of x (and at least kLutPairMinN weight
+// rows) on AVX-512 take the pair-table GEMV of gemm_lut_pairs.cpp instead.
 #include "lowbit/lut_gemm.h"
 
 #include <algorithm>
@@ -301,7 +301,7 @@ void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorVie
   float* y = out.dtype == DType::f32 ? out.ptr<float>() : ybuf.data();
   if (blocks == 0) {
     std::fill(y, y + m * n, 0.0f);
-  } else if (bits == 2 && m <= kLutPairMaxRows && isa >= kIsaAvx512) {
+  } else if (bits == 2 && m <= kLutPairMaxRows && n >= kLutPairMinN && isa >= kIsaAvx512) {
     std::vector<float> xn(size_t(m * kp), 0.0f);  // x in fp32, natural order, zero-padded to kp
     by_dtype(x.dtype, "lut_gemm", "x", [&](auto io) {
       using IO = decltype(io);
