@@ -97,7 +97,8 @@ def test_cuda_mixed_gemm(benchmark, k, n, m, bits):
 def _vq(benchmark, k: int, n: int, m: int, r: int, e: int) -> None:
     x = _case(benchmark, k, n, m)
     codebooks = (torch.randn(r, e, 8) * 0.01).half().cuda()
-    copies = cycling_cuda(lambda: (torch.randint(0, e, (n, k // 8, r), dtype=torch.int32).to(torch.int16).cuda(),
+    code_dtype = torch.uint8 if e == 256 else torch.int16  # as QuantizedWeight.vq stores them
+    copies = cycling_cuda(lambda: (torch.randint(0, e, (n, k // 8, r), dtype=torch.int32).to(code_dtype).cuda(),
                                    torch.rand(n).half().cuda()))
     run_graph(benchmark, lambda x, c, s: vq_gemm_unchecked(x, c, codebooks, s, "auto"), x, copies, _bytes(copies))
 
@@ -112,7 +113,7 @@ def test_cuda_vq_gemm_2bit(benchmark, k, n, m):
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("k,n", SHAPES, ids=shape_ids)
 def test_cuda_vq_gemm_2x8_2bit(benchmark, k, n, m):
-    """2 bits/weight of indices: two residual codebooks of 256 codewords (AQLM 2x8; int16 codes as stored)."""
+    """2 bits/weight: two residual codebooks of 256 codewords (AQLM 2x8; uint8 codes, as stored)."""
     _vq(benchmark, k, n, m, 2, 256)
 
 

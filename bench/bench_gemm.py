@@ -126,13 +126,13 @@ def test_lowbit_vq_gemm_2bit(benchmark, k, n, m):
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
 def test_lowbit_vq_gemm_2x8_2bit(benchmark, k, n, m):
-    """2 bits/weight of indices: two residual codebooks of 256 codewords of 8 weights (AQLM 2x8, the default of
-    lowbit's VQ quantizer). GB/s counts the int16 codes as stored (4 bits/weight)."""
+    """2 bits/weight: two residual codebooks of 256 codewords of 8 weights (AQLM 2x8, the default of lowbit's VQ
+    quantizer), with uint8 codes as QuantizedWeight.vq stores them."""
     _case(benchmark, k, n, m)
     codebooks = (torch.randn(2, 256, 8) * 0.01).half()
 
     def make():
-        return torch.randint(0, 256, (n, k // 8, 2), dtype=torch.int16), torch.rand(n).half()
+        return torch.randint(0, 256, (n, k // 8, 2), dtype=torch.uint8), torch.rand(n).half()
 
     operands = cycling(make)
     x = torch.randn(m, k)

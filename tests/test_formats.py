@@ -107,7 +107,8 @@ def _random_vq(n, k, r, e, seed=0):
 def test_vq_roundtrip_and_dequantize(n, k, r, e):
     codes, books, scales = _random_vq(n, k, r, e)
     w = QuantizedWeight.vq(codes, books, scales)
-    assert w.tensors["codes"].dtype == torch.int16 and torch.equal(w.codes().long(), codes)
+    assert w.tensors["codes"].dtype == (torch.uint8 if e == 256 else torch.int16)  # one byte per index for E = 256
+    assert torch.equal(w.codes().long(), codes)
     ref = sum(books.double()[i][codes[:, :, i]] for i in range(r)) * scales.double()[:, None, None]
     torch.testing.assert_close(w.dequantize(torch.float32).double(), ref.reshape(n, k), rtol=1e-6, atol=1e-6)
     assert w.bits == pytest.approx(r * math.log2(e) / 8) and w.group_size is None
@@ -123,8 +124,14 @@ def test_vq_validation_errors():
     codes, books, scales = _random_vq(3, 64, 2, 256)
     t, c = QuantizedWeight.vq(codes, books, scales).state()
     c.pop("format")
-    with pytest.raises(TypeError, match="tensor 'codes' must have dtype torch.int16, got torch.int32"):
+    with pytest.raises(TypeError, match="tensor 'codes' must have dtype torch.int16 or torch.uint8, got torch.int32"):
         QuantizedWeight("vq", dict(t, codes=t["codes"].int()), c)
+    assert torch.equal(QuantizedWeight("vq", dict(t, codes=t["codes"].to(torch.int16)), c).dequantize(),
+                       QuantizedWeight("vq", t, c).dequantize())  # int16 codes stay valid for E = 256
+    t4k, c4k = QuantizedWeight.vq(*_random_vq(3, 64, 1, 4096)).state()
+    c4k.pop("format")
+    with pytest.raises(TypeError, match="tensor 'codes' must have dtype torch.int16, got torch.uint8"):
+        QuantizedWeight("vq", dict(t4k, codes=t4k["codes"].to(torch.uint8)), c4k)  # bytes cannot index 4096
     with pytest.raises(ValueError, match=r"tensor 'codes' must have shape \[3, 8, 2\], got \[3, 8, 1\]"):
         QuantizedWeight("vq", dict(t, codes=t["codes"][:, :, :1].contiguous()), c)
     with pytest.raises(ValueError, match=r"tensor 'codebooks' must have shape \[2, 256, 8\]"):
@@ -143,7 +150,7 @@ def test_vq_validation_errors():
         QuantizedWeight("vq", t, dict(c, entries=256.0))
     with pytest.raises(ValueError, match=r"vq tensors must be \['codebooks', 'codes', 'scales'\]"):
         QuantizedWeight("vq", {"codes": t["codes"], "scales": t["scales"]}, c)
-    bad = t["codes"].clone()
+    bad = t["codes"].to(torch.int16)
     bad[1, 2, 1] = 256
     with pytest.raises(ValueError, match="tensor 'codes' must hold indices < entries \\(256\\), got 256"):
         QuantizedWeight("vq", dict(t, codes=bad), c)

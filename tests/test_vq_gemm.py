@@ -136,6 +136,24 @@ def test_dtypes(dtype, m):
         assert_gemm_close(y, x, w)
 
 
+# Byte codes (uint8, E = 256): the CPU kernels widen them per block of rows, so every strategy and M gives
+# exactly what the same indices as int16 give (and W_hat is the same).
+@pytest.mark.parametrize("r", VQ_CODEBOOKS)
+@pytest.mark.parametrize("k,n", [(8, 3), (576, 130), (1000, 33)])
+@pytest.mark.parametrize("m", [1, 5, 70])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_byte_codes(dtype, m, k, n, r):
+    codes, cb, s = make_weight(n, k, r, 256, seed=m + n)
+    codes8 = codes.to(torch.uint8)
+    x = make_x((m, k), dtype)
+    w = reference_weight(codes, cb, s)
+    for strategy in VQ_STRATEGIES:
+        y = vq_gemm(x, codes8, cb, s, strategy=strategy)
+        assert torch.equal(y, vq_gemm(x, codes, cb, s, strategy=strategy))
+        assert_gemm_close(y, x, w)
+    assert torch.equal(vq_dequantize(codes8, cb, s, dtype), vq_dequantize(codes, cb, s, dtype))
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 48), (1, 1, 1, 48), (48,), (0, 48), (4, 0, 48)])
 def test_leading_batch_dims(shape):
     codes, cb, s = make_weight(9, 48, 2, 256)
@@ -276,8 +294,8 @@ def _format_errors():
     """(overrides of codes / codebooks / scales, exception, message) for a [3, 16] weight with R = 1, E = 256."""
     codes, cb, s = make_weight(3, 16, 1, 256)
     return [
-        ({"codes": codes.int()}, TypeError, "codes must have dtype int16 or uint16, got torch.int32"),
-        ({"codes": codes.numpy().astype(np.uint8)}, TypeError, "codes must have dtype int16 or uint16"),
+        ({"codes": codes.int()}, TypeError, "codes must have dtype int16, uint16 or uint8, got torch.int32"),
+        ({"codes": codes.numpy().astype(np.int8)}, TypeError, "codes must have dtype int16, uint16 or uint8"),
         ({"codes": codes[:, :, 0]}, ValueError,
          r"codes must have shape \[N, K / 8, R\] with R in \(1, 2\), got \[3, 2\]"),
         ({"codes": codes.repeat(1, 1, 3)}, ValueError, r"codes must have shape .* got \[3, 2, 3\]"),
@@ -410,6 +428,22 @@ def test_cuda_matches_cpu(r, e, m, dtype):
     assert_gemm_close(gpu.cpu(), x, w)
     cpu = vq_gemm(x, codes, cb, s, strategy="decode")
     assert (gpu.cpu().double() - cpu.double()).abs().max() <= 2 * gemm_tolerance(x, w, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m", [1, 5, 64])
+@pytest.mark.parametrize("r", VQ_CODEBOOKS)
+def test_cuda_byte_codes_match_cpu(r, m, dtype):
+    """uint8 codes (E = 256) on CUDA: the kernels templated on the code type; M = 64 takes the dense path."""
+    codes, cb, s = make_weight(300, 264, r, 256, seed=m)
+    codes8 = codes.to(torch.uint8)
+    x = make_x((m, 264), dtype)
+    gpu = vq_gemm(x.cuda(), codes8.cuda(), cb.cuda(), s.cuda())
+    assert torch.equal(gpu, vq_gemm(x.cuda(), codes.cuda(), cb.cuda(), s.cuda()))
+    assert_gemm_close(gpu.cpu(), x, reference_weight(codes, cb, s))
+    assert torch.equal(vq_dequantize(codes8.cuda(), cb.cuda(), s.cuda(), dtype).cpu(),
+                       vq_dequantize(codes8, cb, s, dtype))
 
 
 @pytest.mark.gpu

@@ -32,10 +32,10 @@ VqStrategy parse_strategy(const std::string& s) {
   fail("vq_gemm", "strategy must be 'auto', 'decode' or 'lut', got '" + s + "'");
 }
 
-// codes [N, J, R] (int16/uint16, R in {1, 2}), codebooks fp16 [R, E, 8] (E a power of two in [256, 65536]),
-// scales fp16 [N]: all contiguous, on one device.
+// codes [N, J, R] (int16/uint16, or uint8 for byte indices; R in {1, 2}), codebooks fp16 [R, E, 8] (E a power
+// of two in [256, 65536]), scales fp16 [N]: all contiguous, on one device.
 void check_format(const TensorView& codes, const TensorView& codebooks, const TensorView& scales, const char* op) {
-  check_dtype(codes, op, "codes", {DType::i16, DType::u16});
+  check_dtype(codes, op, "codes", {DType::i16, DType::u16, DType::u8});
   check_ndim(codes, op, "codes", 3);
   const int64_t r = codes.size(2);
   if (r < 1 || r > kVqMaxCodebooks)

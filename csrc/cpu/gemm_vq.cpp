@@ -13,6 +13,7 @@
 //       16 at a time with AVX-512 gathers, blocked so that the slices of T a gather reads stay in L1 (T is
 //       scratch memory kept between calls, scratch.h).
 // The auto rule (vq_gemm_cpu_choice) compares estimated costs, see kCost* below.
+// Byte codes (uint8) are widened to 16 bits per block of rows (row_codes) before the kernels read them.
 // Index checks: kernels mask every code with E - 1 (reads stay in bounds) and OR the raw codes together; when
 // the OR has a bit at or above E, the codes are scanned and std::invalid_argument names the first bad (n, j, r).
 #include "lowbit/vq.h"
@@ -67,7 +68,8 @@ VQ_INLINE float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + 
 
 struct VqGemm {
   const float* x;          // fp32 [m, k]
-  const uint16_t* codes;   // [n, j * r]
+  const uint16_t* codes;   // [n, j * r] 16-bit codes, or nullptr when the codes are bytes:
+  const uint8_t* codes8;   // [n, j * r] uint8 codes (widened to 16 bits per block of rows, see row_codes)
   const uint16_t* scales;  // fp16 [n]
   float* y;                // fp32 [m, n]
   int64_t m, n, k, j;      // j = k / 8 vectors per row
@@ -122,12 +124,13 @@ bool cpu_has_avx512() { return false; }
 
 // ---- large M: decoded tiles and a register-blocked GEMM ----------------------------------------------------
 
-// Rows [n0, n0 + nb) x vectors [j0, j1) of W_hat, transposed into wt[k][kTileN] (columns past nb are zero).
-VQ_INLINE uint32_t decode_tile(const VqGemm& g, const f32::Cb& cb, int64_t n0, int nb, int64_t j0, int64_t j1,
-                               float* wt) {
+// Rows [n0, n0 + nb) x vectors [j0, j1) of W_hat, transposed into wt[k][kTileN] (columns past nb are zero);
+// codes: those rows' codes.
+VQ_INLINE uint32_t decode_tile(const VqGemm& g, const f32::Cb& cb, const uint16_t* codes, int64_t n0, int nb,
+                               int64_t j0, int64_t j1, float* wt) {
   uint32_t seen = 0;
   for (int nl = 0; nl < nb; ++nl) {
-    const uint16_t* c = g.codes + (n0 + nl) * g.j * g.r;
+    const uint16_t* c = codes + nl * g.j * g.r;
     const float s = half_to_float(g.scales[n0 + nl]);
     for (int64_t j = j0; j < j1; ++j) {
       const v8 w = s * (g.r == 1 ? f32::codeword_sum<1>(cb, c + j, g.mask, seen)
@@ -172,14 +175,16 @@ VQ_INLINE void micro_cols(const VqGemm& g, const float* wt, int64_t m0, int64_t 
     micro<MR>(g.x + m0 * g.k + k0, g.k, wt + c0, kc, g.y + m0 * g.n + n0 + c0, g.n, std::min(16, nb - c0), k0 == 0);
 }
 
-// y[:, n0 .. n0 + kTileN) for all rows of x, tile by tile; wt: kTileK * kTileN floats of scratch.
-LOWBIT_ISA_CLONES uint32_t gemm_rows(const VqGemm& g, const float* table, int64_t e, int64_t n0, float* wt) {
+// y[:, n0 .. n0 + kTileN) for all rows of x, tile by tile; codes: those rows' codes; wt: kTileK * kTileN floats
+// of scratch.
+LOWBIT_ISA_CLONES uint32_t gemm_rows(const VqGemm& g, const float* table, int64_t e, const uint16_t* codes, int64_t n0,
+                                     float* wt) {
   const f32::Cb cb{table, e};
   const int nb = int(std::min<int64_t>(kTileN, g.n - n0));
   uint32_t seen = 0;
   for (int64_t j0 = 0; j0 < g.j; j0 += kTileK / kVqVecLen) {
     const int64_t j1 = std::min(g.j, j0 + kTileK / kVqVecLen);
-    seen |= decode_tile(g, cb, n0, nb, j0, j1, wt);
+    seen |= decode_tile(g, cb, codes, n0, nb, j0, j1, wt);
     const int64_t k0 = j0 * kVqVecLen, kc = (j1 - j0) * kVqVecLen;
     int64_t m0 = 0;
     for (; m0 + kMicroM <= g.m; m0 += kMicroM) micro_cols<kMicroM>(g, wt, m0, n0, nb, k0, kc);
@@ -321,6 +326,26 @@ std::vector<float> codebooks_f32(const uint16_t* cb, int r_count, int64_t e, boo
   return out;
 }
 
+// The 16-bit codes of rows [n0, n0 + rows): a pointer into them, or byte codes widened into buf.
+const uint16_t* row_codes(const VqGemm& g, int64_t n0, int64_t rows, std::vector<uint16_t>& buf) {
+  const int64_t per_row = g.j * g.r;
+  if (!g.codes8) return g.codes + n0 * per_row;
+  buf.resize(size_t(rows * per_row));
+  const uint8_t* src = g.codes8 + n0 * per_row;
+  for (int64_t i = 0; i < rows * per_row; ++i) buf[size_t(i)] = src[i];
+  return buf.data();
+}
+
+// g restricted to the rows from n0 on (their codes, scales and outputs), so that a kernel runs them as rows 0...
+VqGemm rows_from(const VqGemm& g, int64_t n0, const uint16_t* codes) {
+  VqGemm s = g;
+  s.codes = codes;
+  s.codes8 = nullptr;
+  s.scales = g.scales + n0;
+  s.y = g.y + n0;  // row stride of y stays g.n
+  return s;
+}
+
 uint32_t run_decode(const VqGemm& g, const uint16_t* codebooks, int64_t e) {
   const bool fp16_reads = g.m < kGemmM && e * g.r > kF32TableMaxEntries && cpu_has_f16c();
   std::vector<float> table = fp16_reads ? std::vector<float>() : codebooks_f32(codebooks, g.r, e, false);
@@ -330,22 +355,32 @@ uint32_t run_decode(const VqGemm& g, const uint16_t* codebooks, int64_t e) {
 #pragma omp parallel reduction(| : seen)
     {
       std::vector<float> wt(size_t(kTileK * kTileN));
+      std::vector<uint16_t> buf;
 #pragma omp for schedule(dynamic)
-      for (int64_t t = 0; t < tiles; ++t) seen |= gemm_rows(g, table.data(), e, t * kTileN, wt.data());
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t n0 = t * kTileN;
+        seen |= gemm_rows(g, table.data(), e, row_codes(g, n0, std::min<int64_t>(kTileN, g.n - n0), buf), n0,
+                          wt.data());
+      }
     }
     return seen;
   }
   const int64_t chunks = (g.n + kRowChunk - 1) / kRowChunk;
-#pragma omp parallel for schedule(dynamic) reduction(| : seen)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t n0 = c * kRowChunk, n1 = std::min(g.n, n0 + kRowChunk);
+#pragma omp parallel reduction(| : seen)
+  {
+    std::vector<uint16_t> buf;
+#pragma omp for schedule(dynamic)
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t n0 = c * kRowChunk, n1 = std::min(g.n, n0 + kRowChunk);
+      const VqGemm rows = rows_from(g, n0, row_codes(g, n0, n1 - n0, buf));
 #ifdef LOWBIT_VQ_X86
-    if (fp16_reads) {
-      seen |= rows_f16(g, codebooks, e, n0, n1);
-      continue;
-    }
+      if (fp16_reads) {
+        seen |= rows_f16(rows, codebooks, e, 0, n1 - n0);
+        continue;
+      }
 #endif
-    seen |= rows_f32(g, table.data(), e, n0, n1);
+      seen |= rows_f32(rows, table.data(), e, 0, n1 - n0);
+    }
   }
   return seen;
 }
@@ -370,18 +405,24 @@ uint32_t run_lut(const VqGemm& g, const uint16_t* codebooks, int64_t e) {
       for (int64_t it = 0; it < items; ++it)
         lut_build(g.x + (m0 + m) * g.k, cbt.data(), g.r, e, it * build_chunk, std::min(p, (it + 1) * build_chunk),
                   tdata + m * p * e);
-    const VqLut a{tdata, g.codes, g.scales, g.y + m0 * g.n, mc, g.n, p, e, g.mask};
     const int64_t chunk = avx512 ? kLutRowBlock : kRowChunk, chunks = (g.n + chunk - 1) / chunk;
-#pragma omp parallel for schedule(dynamic) reduction(| : seen)
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t n0 = c * chunk, n1 = std::min(g.n, n0 + chunk);
+#pragma omp parallel reduction(| : seen)
+    {
+      std::vector<uint16_t> buf;
+#pragma omp for schedule(dynamic)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t n0 = c * chunk, n1 = std::min(g.n, n0 + chunk);
+        // These rows as rows 0.. (their codes, scales and outputs; y's row stride stays g.n).
+        const VqLut a{tdata, row_codes(g, n0, n1 - n0, buf), g.scales + n0, g.y + m0 * g.n + n0, mc, g.n, p, e,
+                      g.mask};
 #ifdef LOWBIT_VQ_X86
-      if (avx512) {
-        seen |= lut_rows_avx512(a, n0, n1);
-        continue;
-      }
+        if (avx512) {
+          seen |= lut_rows_avx512(a, 0, n1 - n0);
+          continue;
+        }
 #endif
-      seen |= lut_rows_scalar(a, n0, n1);
+        seen |= lut_rows_scalar(a, 0, n1 - n0);
+      }
     }
   }
   return seen;
@@ -396,12 +437,13 @@ void run(const TensorView& x, const TensorView& codes, const TensorView& codeboo
   const float* xf = std::is_same<IO, F32>::value ? x.ptr<float>() : stage_x<IO>(x, xbuf);
   if (!std::is_same<IO, F32>::value) ybuf.resize(size_t(m * n));
   float* y = std::is_same<IO, F32>::value ? out.ptr<float>() : ybuf.data();
-  const VqGemm g{xf, codes.ptr<uint16_t>(), scales.ptr<uint16_t>(), y, m, n, k, k / kVqVecLen, int(r),
-                 uint32_t(e - 1)};
+  const bool bytes = codes.dtype == DType::u8;
+  const VqGemm g{xf,    bytes ? nullptr : codes.ptr<uint16_t>(), bytes ? codes.ptr<uint8_t>() : nullptr,
+                 scales.ptr<uint16_t>(), y, m, n, k, k / kVqVecLen, int(r), uint32_t(e - 1)};
   if (strategy == VqStrategy::kAuto) strategy = vq_gemm_cpu_choice(m, n, k, int(r), e);
   const uint32_t seen = strategy == VqStrategy::kLut ? run_lut(g, codebooks.ptr<uint16_t>(), e)
                                                       : run_decode(g, codebooks.ptr<uint16_t>(), e);
-  if (seen & ~g.mask) throw_bad_index("vq_gemm", g.codes, n, g.j, int(r), e);
+  if (seen & ~g.mask) throw_bad_index("vq_gemm", g.codes, n, g.j, int(r), e);  // 16-bit codes only: bytes are < E
   if (!std::is_same<IO, F32>::value) {
     auto* dst = out.ptr<typename IO::storage>();
 #pragma omp parallel for schedule(static)
@@ -409,11 +451,11 @@ void run(const TensorView& x, const TensorView& codes, const TensorView& codeboo
   }
 }
 
-template <typename IO>
+template <typename IO, typename C>
 void dequantize(const TensorView& codes, const TensorView& codebooks, const TensorView& scales, const TensorView& out) {
   const int64_t n = codes.size(0), j = codes.size(1), e = codebooks.size(1);
   const int r = int(codes.size(2));
-  const auto* c = codes.ptr<uint16_t>();
+  const auto* c = codes.ptr<C>();
   auto* dst = out.ptr<typename IO::storage>();
   uint32_t seen = 0;
 #pragma omp parallel for schedule(static) reduction(| : seen)
@@ -424,7 +466,15 @@ void dequantize(const TensorView& codes, const TensorView& codebooks, const Tens
       for (int d = 0; d < kVqVecLen; ++d) IO::store(dst, (row * j + v) * kVqVecLen + d, w[d]);
       for (int q = 0; q < r; ++q) seen |= c[vq_code_offset(row, v, q, j, r)];
     }
-  if (seen & ~uint32_t(e - 1)) throw_bad_index("vq_dequantize", c, n, j, r, e);
+  if constexpr (sizeof(C) == 2) {
+    if (seen & ~uint32_t(e - 1)) throw_bad_index("vq_dequantize", c, n, j, r, e);
+  }
+}
+
+template <typename IO>
+void dequantize(const TensorView& codes, const TensorView& codebooks, const TensorView& scales, const TensorView& out) {
+  codes.dtype == DType::u8 ? dequantize<IO, uint8_t>(codes, codebooks, scales, out)
+                           : dequantize<IO, uint16_t>(codes, codebooks, scales, out);
 }
 
 }  // namespace

@@ -35,9 +35,9 @@ __device__ __forceinline__ void add_codeword(const uint16_t* cw, float* w) {
   }
 }
 
-template <typename IO, int MB, bool kShared>
+template <typename IO, int MB, bool kShared, typename C>
 __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(const typename IO::storage* __restrict__ x,
-                                                           const uint16_t* __restrict__ codes,
+                                                           const C* __restrict__ codes,
                                                            const uint16_t* __restrict__ codebooks,
                                                            const uint16_t* __restrict__ scales,
                                                            typename IO::storage* __restrict__ out, int m, int n,
@@ -54,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(const typename IO::st
   const int lane = threadIdx.x & 31;
   const int vectors = k / kVqVecLen;
   for (int row = blockIdx.x * kWarps + (threadIdx.x >> 5); row < n; row += gridDim.x * kWarps) {
-    const uint16_t* c = codes + int64_t(row) * vectors * r_count;
+    const C* c = codes + int64_t(row) * vectors * r_count;
     const float s = vq_half(scales[row]);
     for (int m0 = 0; m0 < m; m0 += MB) {
       float acc[MB];
@@ -85,13 +85,13 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(const typename IO::st
   }
 }
 
-template <typename IO, int MB, bool kShared>
+template <typename IO, int MB, bool kShared, typename C>
 void launch_gemm(const TensorView& x, const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
                  const TensorView& out, cudaStream_t stream) {
   const int m = int(x.size(0)), k = int(x.size(1)), n = int(codes.size(0));
   const int r = int(codes.size(2)), e = int(codebooks.size(1));
   const size_t smem = kShared ? size_t(r) * e * kVqVecLen * sizeof(uint16_t) : 0;
-  auto kernel = vq_gemm_kernel<IO, MB, kShared>;
+  auto kernel = vq_gemm_kernel<IO, MB, kShared, C>;
   int blocks = (n + kWarps - 1) / kWarps;
   if (kShared) {  // enough blocks to fill the GPU, each staging the codebooks once for many rows
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
@@ -104,29 +104,37 @@ void launch_gemm(const TensorView& x, const TensorView& codes, const TensorView&
     blocks = std::min(blocks, std::max(1, sms * std::max(1, per_sm)));
   }
   kernel<<<blocks, kThreads, smem, stream>>>(
-      static_cast<const typename IO::storage*>(x.data), codes.ptr<uint16_t>(), codebooks.ptr<uint16_t>(),
+      static_cast<const typename IO::storage*>(x.data), codes.ptr<C>(), codebooks.ptr<uint16_t>(),
       scales.ptr<uint16_t>(), static_cast<typename IO::storage*>(out.data), m, n, k, r, e);
   cuda_check_launch("vq_gemm_kernel");
 }
 
-template <typename IO>
-void gemm(const TensorView& x, const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
-          const TensorView& out, cudaStream_t stream) {
+template <typename IO, typename C>
+void gemm_codes(const TensorView& x, const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
+                const TensorView& out, cudaStream_t stream) {
   const int64_t m = x.size(0);
   const bool shared = codes.size(2) * codebooks.size(1) * kVqVecLen * int64_t(sizeof(uint16_t)) <= kSmemBytes;
   if (m == 1)
-    shared ? launch_gemm<IO, 1, true>(x, codes, codebooks, scales, out, stream)
-           : launch_gemm<IO, 1, false>(x, codes, codebooks, scales, out, stream);
+    shared ? launch_gemm<IO, 1, true, C>(x, codes, codebooks, scales, out, stream)
+           : launch_gemm<IO, 1, false, C>(x, codes, codebooks, scales, out, stream);
   else if (m <= 4)
-    shared ? launch_gemm<IO, 4, true>(x, codes, codebooks, scales, out, stream)
-           : launch_gemm<IO, 4, false>(x, codes, codebooks, scales, out, stream);
+    shared ? launch_gemm<IO, 4, true, C>(x, codes, codebooks, scales, out, stream)
+           : launch_gemm<IO, 4, false, C>(x, codes, codebooks, scales, out, stream);
   else
-    shared ? launch_gemm<IO, 8, true>(x, codes, codebooks, scales, out, stream)
-           : launch_gemm<IO, 8, false>(x, codes, codebooks, scales, out, stream);
+    shared ? launch_gemm<IO, 8, true, C>(x, codes, codebooks, scales, out, stream)
+           : launch_gemm<IO, 8, false, C>(x, codes, codebooks, scales, out, stream);
 }
 
+// Byte codes (uint8) or 16-bit ones (int16/uint16, read as unsigned).
 template <typename IO>
-__global__ void vq_dequantize_kernel(const uint16_t* __restrict__ codes, const uint16_t* __restrict__ codebooks,
+void gemm(const TensorView& x, const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
+          const TensorView& out, cudaStream_t stream) {
+  codes.dtype == DType::u8 ? gemm_codes<IO, uint8_t>(x, codes, codebooks, scales, out, stream)
+                           : gemm_codes<IO, uint16_t>(x, codes, codebooks, scales, out, stream);
+}
+
+template <typename IO, typename C>
+__global__ void vq_dequantize_kernel(const C* __restrict__ codes, const uint16_t* __restrict__ codebooks,
                                      const uint16_t* __restrict__ scales, typename IO::storage* __restrict__ out,
                                      int64_t vectors_total, int vectors, int r_count, int entries) {
   const int64_t v = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -137,17 +145,24 @@ __global__ void vq_dequantize_kernel(const uint16_t* __restrict__ codes, const u
   for (int d = 0; d < kVqVecLen; ++d) IO::store(out, v * kVqVecLen + d, w[d]);
 }
 
-template <typename IO>
-void dequantize(const TensorView& codes, const TensorView& codebooks, const TensorView& scales, const TensorView& out,
-                cudaStream_t stream) {
+template <typename IO, typename C>
+void dequantize_codes(const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
+                      const TensorView& out, cudaStream_t stream) {
   const int64_t total = codes.size(0) * codes.size(1);
   if (total == 0) return;
   const int threads = 256;
-  vq_dequantize_kernel<IO><<<unsigned((total + threads - 1) / threads), threads, 0, stream>>>(
-      codes.ptr<uint16_t>(), codebooks.ptr<uint16_t>(), scales.ptr<uint16_t>(),
+  vq_dequantize_kernel<IO, C><<<unsigned((total + threads - 1) / threads), threads, 0, stream>>>(
+      codes.ptr<C>(), codebooks.ptr<uint16_t>(), scales.ptr<uint16_t>(),
       static_cast<typename IO::storage*>(out.data), total, int(codes.size(1)), int(codes.size(2)),
       int(codebooks.size(1)));
   cuda_check_launch("vq_dequantize_kernel");
+}
+
+template <typename IO>
+void dequantize(const TensorView& codes, const TensorView& codebooks, const TensorView& scales, const TensorView& out,
+                cudaStream_t stream) {
+  codes.dtype == DType::u8 ? dequantize_codes<IO, uint8_t>(codes, codebooks, scales, out, stream)
+                           : dequantize_codes<IO, uint16_t>(codes, codebooks, scales, out, stream);
 }
 
 }  // namespace

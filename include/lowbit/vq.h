@@ -4,7 +4,8 @@
 // Format. W_hat is [N, K] with K a multiple of the vector length v = kVqVecLen = 8; row n is cut into
 // J = K / 8 vectors, and vector j is a sum of R residual codewords times a per-row scale:
 //   W_hat[n, 8j + d] = scale[n] * sum_{r < R} codebooks[r, codes[n, j, r], d]        (d < 8)
-//   codes      int16 [N, J, R]  (uint16 accepted too): each element is read as an UNSIGNED 16-bit index
+//   codes      int16 [N, J, R]  (uint16 accepted too): each element is read as an UNSIGNED 16-bit index;
+//              or uint8 [N, J, R] (for E = 256: one byte per index, half the memory and traffic)
 //   codebooks  fp16  [R, E, 8]  E = 2^c entries, 8 <= c <= 16 (E a power of two in [256, 65536])
 //   scales     fp16  [N]
 //   R in {1, 2}
@@ -37,7 +38,9 @@ constexpr int kVqMaxCodebooks = 2;
 LOWBIT_HD bool vq_entries_ok(int64_t e) { return e >= kVqMinEntries && e <= kVqMaxEntries && (e & (e - 1)) == 0; }
 
 // The index the kernels use for a stored code: always < E (an invalid code is masked, see above).
-LOWBIT_HD uint32_t vq_index(uint16_t code, uint32_t entries) { return code & (entries - 1u); }
+// C: uint16_t or uint8_t, the stored code's container.
+template <typename C>
+LOWBIT_HD uint32_t vq_index(C code, uint32_t entries) { return uint32_t(code) & (entries - 1u); }
 
 // Position of codes[n, j, r] in the contiguous [N, J, R] tensor.
 LOWBIT_HD int64_t vq_code_offset(int64_t n, int64_t j, int r, int64_t vectors, int codebooks) {
@@ -62,7 +65,8 @@ LOWBIT_HD void vq_add_codeword(const uint16_t* codeword, float* w) {
 }
 
 // The 8 weights W_hat[n, 8j .. 8j + 8) of vector (n, j) into w: the R codewords summed, times scale[n].
-LOWBIT_HD void vq_decode_vector(const uint16_t* codes, const uint16_t* codebooks, const uint16_t* scales, int64_t n,
+template <typename C>
+LOWBIT_HD void vq_decode_vector(const C* codes, const uint16_t* codebooks, const uint16_t* scales, int64_t n,
                                 int64_t j, int64_t vectors, int codebooks_r, uint32_t entries, float* w) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
@@ -82,7 +86,7 @@ LOWBIT_HD void vq_decode_vector(const uint16_t* codes, const uint16_t* codebooks
 // How the CPU GEMM runs (see csrc/cpu/gemm_vq.cpp for the cost rule that picks one under kAuto).
 enum class VqStrategy { kAuto, kDecode, kLut };
 
-// Entry points. x: contiguous [M, K] fp32/fp16/bf16; codes: int16/uint16 [N, K/8, R]; codebooks: fp16 [R, E, 8];
+// Entry points. x: contiguous [M, K] fp32/fp16/bf16; codes: int16/uint16/uint8 [N, K/8, R]; codebooks: fp16 [R, E, 8];
 // scales: fp16 [N]; out: contiguous [M, N] of x's dtype. Accumulation is fp32.
 void vq_gemm_cpu(const TensorView& x, const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
                  const TensorView& out, VqStrategy strategy);

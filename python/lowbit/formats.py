@@ -12,10 +12,10 @@ lut       packed int32 [N, ceil(K/32)*bits], scales fp16 [N, G],      bits, grou
           table fp32 [2^bits];  w = scales * table[q]                 out_features
 mixed     packed int32 [N, sum_g ceil(len_g/32)*bits_g], scales,      group_size, in_features, out_features
           zeros fp16 [N, G], group_bits uint8 [G] (2 or 4 per group)
-vq        codes int16 [N, K/8, R] (unsigned indices < E), codebooks   vector_length (8), codebooks (R: 1 or
-          fp16 [R, E, 8], scales fp16 [N];  w[n, 8j:8j+8] =           2), entries (E: a power of two in
-          scales[n] * sum_r codebooks[r, codes[n, j, r]]              [256, 65536]), in_features (a multiple
-                                                                      of 8), out_features
+vq        codes int16 [N, K/8, R] (unsigned indices < E), or uint8    vector_length (8), codebooks (R: 1 or
+          [N, K/8, R] when E = 256 (half the memory); codebooks       2), entries (E: a power of two in
+          fp16 [R, E, 8], scales fp16 [N];  w[n, 8j:8j+8] =           [256, 65536]), in_features (a multiple
+          scales[n] * sum_r codebooks[r, codes[n, j, r]]              of 8), out_features
 ========  ==========================================================  =====================================
 
 G = ceil(K / group_size). Every config also carries "format_version".
@@ -23,7 +23,8 @@ G = ceil(K / group_size). Every config also carries "format_version".
 ``vq`` has no groups along K (one scale per row): its ``group_size`` is None. Its ``bits`` is the index
 information per weight, R * log2(E) / 8 (E = 65536, R = 1 and E = 256, R = 2 are both 2 bits), and its
 ``bits_per_weight`` counts each code at log2(E) bits (as a dense bit stream stores it) plus the codebooks and
-scales; the int16 tensors in memory and in checkpoints hold 16 bits per code (``nbytes`` counts those).
+scales; the int16 tensors in memory and in checkpoints hold 16 bits per code, uint8 ones 8 (``nbytes`` counts
+those): :meth:`QuantizedWeight.vq` stores uint8 codes for 256-entry codebooks (AQLM 2x8: 2 bits per weight).
 """
 from __future__ import annotations
 
@@ -103,10 +104,14 @@ class QuantizedWeight:
     @classmethod
     def vq(cls, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor) -> "QuantizedWeight":
         """The ``vq`` format from integer indices [N, K/8, R] (each in [0, E)), codebooks [R, E, 8] and row scales
-        [N]; indices are stored as int16 holding their unsigned 16-bit value, codebooks and scales as fp16."""
+        [N]; indices are stored as uint8 for E = 256, else as int16 holding their unsigned 16-bit value, codebooks
+        and scales as fp16."""
         n, j, r = codes.shape
         codes = codes.to(torch.int32)
-        stored = torch.where(codes >= 2**15, codes - 2**16, codes).to(torch.int16)
+        if codebooks.shape[1] <= 256:
+            stored = codes.to(torch.uint8)
+        else:
+            stored = torch.where(codes >= 2**15, codes - 2**16, codes).to(torch.int16)
         tensors = {"codes": stored, "codebooks": codebooks.to(torch.float16), "scales": scales.to(torch.float16)}
         return cls("vq", tensors,
                    {"vector_length": VQ_VECTOR_LENGTH, "codebooks": r, "entries": int(codebooks.shape[1]),
@@ -234,7 +239,7 @@ class QuantizedWeight:
         if not (VQ_MIN_ENTRIES <= e <= VQ_MAX_ENTRIES and e & (e - 1) == 0):
             raise ValueError(f"config entries must be a power of two in [{VQ_MIN_ENTRIES}, {VQ_MAX_ENTRIES}], "
                              f"got {e}")
-        self._check("codes", torch.int16, [n, k // v, r])
+        self._check("codes", (torch.int16, torch.uint8) if e == 256 else torch.int16, [n, k // v, r])
         self._check("codebooks", torch.float16, [r, e, v])
         self._check("scales", torch.float16, [n])
         if e < 2**16 and self.tensors["codes"].numel():

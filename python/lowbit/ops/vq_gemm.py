@@ -3,8 +3,9 @@
 Format (``include/lowbit/vq.h``): K is a multiple of 8 and every run of 8 weights is a sum of R residual
 codewords times a per-row scale,
 ``W_hat[n, 8j:8j+8] = scales[n] * sum_{r < R} codebooks[r, codes[n, j, r], :]``, with codes int16 (read as
-unsigned 16-bit; uint16 accepted) [N, K/8, R], codebooks float16 [R, E, 8] (E = 2^c, 8 <= c <= 16), scales
-float16 [N] and R in {1, 2}. c = 16, R = 1 and c = 8, R = 2 are both 2 bits per weight of index information.
+unsigned 16-bit; uint16 accepted) or uint8 (one byte per index, for E = 256) [N, K/8, R], codebooks float16
+[R, E, 8] (E = 2^c, 8 <= c <= 16), scales float16 [N] and R in {1, 2}. c = 16, R = 1 and c = 8, R = 2 are
+both 2 bits per weight of index information.
 
 CPU strategies (``strategy=``): "decode" gathers codewords and FMAs them into x (for M >= 64 it decodes tiles
 of W_hat and runs a blocked GEMM); "lut" (AQLM) builds the dot products of x with every codeword once per call
@@ -32,7 +33,7 @@ VQ_MIN_ENTRIES, VQ_MAX_ENTRIES = 256, 65536
 VQ_STRATEGIES: tuple[str, ...] = ("auto", "decode", "lut")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _UINT16 = getattr(torch, "uint16", None)
-_CODE_DTYPES = (torch.int16,) if _UINT16 is None else (torch.int16, _UINT16)
+_CODE_DTYPES = (torch.int16, torch.uint8) if _UINT16 is None else (torch.int16, _UINT16, torch.uint8)
 
 
 def _vq_gemm_impl(x: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor,
@@ -71,10 +72,10 @@ def _(codes: torch.Tensor, codebooks: torch.Tensor, scales: torch.Tensor, dtype:
 
 
 def _check_format(codes, codebooks, scales, device: torch.device, k: Union[int, None]):
-    """Validated, contiguous (codes as int16, codebooks, scales) on `device`; k = K of x when known."""
+    """Validated, contiguous (codes as int16 or uint8, codebooks, scales) on `device`; k = K of x when known."""
     c = as_tensor(codes, "codes")
     if c.dtype not in _CODE_DTYPES:
-        raise TypeError(f"codes must have dtype int16 or uint16, got {c.dtype}")
+        raise TypeError(f"codes must have dtype int16, uint16 or uint8, got {c.dtype}")
     if c.dim() != 3 or c.shape[2] not in VQ_CODEBOOKS:
         raise ValueError(f"codes must have shape [N, K / 8, R] with R in {VQ_CODEBOOKS}, got {list(c.shape)}")
     if k is not None and c.shape[1] * VQ_VECTOR_LENGTH != k:
@@ -101,7 +102,7 @@ def _check_format(codes, codebooks, scales, device: torch.device, k: Union[int, 
         raise ValueError(f"scales must have shape [{n}] (N from codes), got {list(s.shape)}")
     if s.device != c.device:
         raise ValueError(f"scales must be on the device of codes ({c.device}), got {s.device}")
-    if c.dtype != torch.int16:
+    if c.dtype not in (torch.int16, torch.uint8):
         c = c.view(torch.int16)  # same bits: the kernels read unsigned 16-bit indices either way
     cb = cb.contiguous()
     if cb.device.type == "cuda" and cb.data_ptr() % 16:
@@ -115,7 +116,8 @@ def vq_gemm(x: Array, codes: Array, codebooks: Array, scales: Array, strategy: s
     Args:
         x: float32, float16 or bfloat16 activations [..., K] (any leading dims; numpy arrays give numpy
             results), K a multiple of 8.
-        codes: int16 or uint16 [N, K / 8, R], R in {1, 2}; each value an unsigned index < E.
+        codes: int16 or uint16 [N, K / 8, R], R in {1, 2}, each value an unsigned index < E; or uint8 (indices
+            < 256, for E = 256: half the memory).
         codebooks: float16 [R, E, 8], E a power of two in [256, 65536].
         scales: float16 [N].
         strategy: CPU kernel, "auto", "decode" or "lut" (ignored on CUDA).
