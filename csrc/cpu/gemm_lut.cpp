@@ -76,6 +76,16 @@ inline uint64_t lut_raw(const uint32_t* blk, int h) {
   return v;
 }
 
+// Where one 8-byte load gives lut_raw<3>(blk, h) without the shift: one byte before the block (h = 0) or its
+// byte 5 (h = 1). The extra byte (before, resp. after, the 12-byte block) lands in bits that no lane's index
+// uses (bits 0-7, resp. bit 3 of the last odd lane's index, which the replicated table ignores), so the lookups
+// are the same. Only for blocks with that byte inside the packed tensor (the kernels pass kAround = false for
+// the first and the last block of every row); the shift and the broadcast from a register cost a port-5 uop per
+// 16 codes that a broadcast from memory does not.
+inline const void* lut3_raw_address(const uint32_t* blk, int h) {
+  return reinterpret_cast<const char*>(blk) + (h ? 5 : -1);
+}
+
 // ---- portable C++ ----------------------------------------------------------------------------------------
 namespace portable {
 struct V {
@@ -124,7 +134,7 @@ struct V {
     for (int i = 0; i < 16; ++i) t.v[i] = lut_fused_entry(t16[i], s, z);
     return t;
   }
-  template <int B>
+  template <int B, bool kAround>
   static F lookup(const uint32_t* blk, int h, const T& t) {
     F f;
     for (int p = 0; p < 16; ++p) f.v[p] = t.v[extract_code(blk, 16 * h + lane_code(p), B)];
@@ -199,9 +209,13 @@ struct V {
     const __m256 hi = _mm256_permutevar8x32_ps(t.hi, idx);
     return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 picks the half
   }
-  template <int B>
+  template <int B, bool kAround>
   static F lookup(const uint32_t* blk, int h, const T& t) {
-    const __m256i v = B == 2 ? _mm256_set1_epi32(int(blk[h])) : _mm256_set1_epi64x(int64_t(lut_raw<B>(blk, h)));
+    const __m256i v =
+        B == 2 ? _mm256_set1_epi32(int(blk[h]))
+        : B == 3 && kAround
+            ? _mm256_broadcastq_epi64(_mm_loadl_epi64(static_cast<const __m128i*>(lut3_raw_address(blk, h))))
+            : _mm256_set1_epi64x(int64_t(lut_raw<B>(blk, h)));
     return {lookup8<B>(_mm256_srlv_epi32(v, shifts8<B, 0>()), t), lookup8<B>(_mm256_srlv_epi32(v, shifts8<B, 8>()), t)};
   }
 };
@@ -252,9 +266,13 @@ struct V {
   static T table(const float* t16, float s, float z) {
     return _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(t16), _mm512_set1_ps(z)), _mm512_set1_ps(s));
   }
-  template <int B>
+  template <int B, bool kAround>
   static F lookup(const uint32_t* blk, int h, T t) {
-    const __m512i v = B == 2 ? _mm512_set1_epi32(int(blk[h])) : _mm512_set1_epi64(int64_t(lut_raw<B>(blk, h)));
+    const __m512i v =
+        B == 2 ? _mm512_set1_epi32(int(blk[h]))
+        : B == 3 && kAround
+            ? _mm512_broadcastq_epi64(_mm_loadl_epi64(static_cast<const __m128i*>(lut3_raw_address(blk, h))))
+            : _mm512_set1_epi64(int64_t(lut_raw<B>(blk, h)));
     return _mm512_permutexvar_ps(_mm512_srlv_epi32(v, shifts16<B>()), t);  // uses bits 0..3 of each index
   }
 };
