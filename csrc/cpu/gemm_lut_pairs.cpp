@@ -38,6 +38,9 @@ constexpr int kChunkWords = 16;    // code words of each row transposed at once 
 constexpr int kPairsPerWord = 8;   // 2-bit code pairs per 32-bit word
 constexpr int kEntries = 16;       // entries of one pair table
 
+// Floats of pair tables per row of x: 16 entries for each of the 8 code pairs of every code word.
+inline int64_t pair_table_floats(const LutPairArgs& a) { return a.wpr * kPairsPerWord * kEntries; }
+
 // In place 16 x 16 transpose of 32-bit elements: afterwards v[c] lane r is what v[r] lane c was.
 LOWBIT_PAIRS inline void transpose16(__m512i v[16]) {
   __m512i t[16], u[16];
@@ -106,7 +109,7 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
     rows[r] = a.packed + n_of[r] * a.wpr;
   }
   transpose_scales(a, n_of, sz);
-  const int64_t tstride = a.wpr * kPairsPerWord * kEntries;
+  const int64_t tstride = pair_table_floats(a);
   const int wpg = a.group_size / 16;  // words per group: 2, 4 or 8, dividing kChunkWords
   // The next task's rows (this thread's next under a static schedule) follow this task's in memory: a few of
   // their lines are prefetched into L2 per word, so that their DRAM latency overlaps this task's lookups
@@ -176,7 +179,7 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
 // The pair tables of MR rows of x and their sums over each group (group by group, in parallel), then the tasks.
 template <int MR>
 void run_tasks(const LutPairArgs& a, float* tables, float* xg) {
-  const int64_t tasks = (a.n + kRows - 1) / kRows, kp = a.wpr * 16, tstride = a.wpr * kPairsPerWord * kEntries;
+  const int64_t tasks = (a.n + kRows - 1) / kRows, kp = a.wpr * 16, tstride = pair_table_floats(a);
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -199,9 +202,8 @@ void run_tasks(const LutPairArgs& a, float* tables, float* xg) {
 
 void lut2_pairs_gemv_avx512(const LutPairArgs& a) {
   if (a.m < 1 || a.m > kLutPairMaxRows) throw std::invalid_argument("lut2_pairs_gemv: m out of range");
-  const int64_t tstride = a.wpr * kPairsPerWord * kEntries;
   std::vector<float> owned;
-  float* const raw = scratch_floats(size_t(a.m * tstride + kEntries), owned);
+  float* const raw = scratch_floats(size_t(a.m * pair_table_floats(a) + kEntries), owned);
   float* tables = raw + (kEntries - (reinterpret_cast<uintptr_t>(raw) / 4) % kEntries) % kEntries;  // 64-byte aligned
   std::vector<float> xg(size_t(a.m * a.groups));
   switch (a.m) {
