@@ -76,9 +76,18 @@ LOWBIT_PAIRS void build_pair_tables(const float* t, const float* x, int64_t pair
                     _mm512_fmadd_ps(tb, _mm512_set1_ps(x[2 * p + 1]), _mm512_mul_ps(ta, _mm512_set1_ps(x[2 * p]))));
 }
 
+// x[0] + ... + x[count - 1] (a scalar loop is a chain of dependent adds: 4 us per call at K = 4096).
+LOWBIT_PAIRS float sum_floats(const float* x, int64_t count) {
+  __m512 sum = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(x + i));
+  if (i < count) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(__mmask16((1u << (count - i)) - 1), x + i));
+  return _mm512_reduce_add_ps(sum);
+}
+
 // The fp16 scale and zero of each row and group of a task, as one 32-bit word (scale in the low half, zero in the
 // high half), transposed: words[g * 32 + r] for row r and group g.
-LOWBIT_PAIRS void transpose_scales(const LutPairArgs& a, const int64_t* n_of, uint32_t* words) {
+LOWBIT_PAIRS void transpose_scales(const LutPairArgs& a, int64_t n0, uint32_t* words) {
   const int64_t chunks = (a.groups + 15) / 16;
   for (int h = 0; h < 2; ++h)
     for (int64_t c = 0; c < chunks; ++c) {
@@ -86,7 +95,7 @@ LOWBIT_PAIRS void transpose_scales(const LutPairArgs& a, const int64_t* n_of, ui
       const __mmask16 mask = __mmask16((1u << left) - 1);
       __m512i v[16];
       for (int r = 0; r < 16; ++r) {
-        const int64_t off = n_of[16 * h + r] * a.groups + c * 16;
+        const int64_t off = std::min(n0 + 16 * h + r, a.n - 1) * a.groups + c * 16;  // past N: the last row
         v[r] = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, a.scales + off));
         if (a.zeros)
           v[r] = _mm512_or_si512(v[r], _mm512_slli_epi32(
@@ -102,21 +111,23 @@ LOWBIT_PAIRS void transpose_scales(const LutPairArgs& a, const int64_t* n_of, ui
 template <int MR>
 LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const float* xg, int64_t n0, uint32_t* sz) {
   constexpr int NA = MR >= 3 ? 1 : 2;
-  int64_t n_of[kRows];
-  const uint32_t* rows[kRows];
-  for (int r = 0; r < kRows; ++r) {
-    n_of[r] = std::min(n0 + r, a.n - 1);  // rows past N repeat the last one; their outputs are dropped
-    rows[r] = a.packed + n_of[r] * a.wpr;
-  }
-  transpose_scales(a, n_of, sz);
+  // Rows past N read as zero codes; their outputs are dropped. (Rows are addressed from one base pointer: an
+  // array of 32 row pointers was kept in vector registers, and the lookups' sums were spilled for lack of them.)
+  const int valid = int(std::min<int64_t>(kRows, a.n - n0));
+  const uint32_t* task_codes = a.packed + n0 * a.wpr;
+  transpose_scales(a, n0, sz);
   const int64_t tstride = pair_table_floats(a);
   const int wpg = a.group_size / 16;  // words per group: 2, 4 or 8, dividing kChunkWords
   // The next task's rows (this thread's next under a static schedule) follow this task's in memory: a few of
   // their lines are prefetched into L2 per word, so that their DRAM latency overlaps this task's lookups
-  // (4096 x 4096 on 2 cores: 470 us without, 320 us with).
+  // (4096 x 4096 on 2 cores: 495 us without, 335 us with), and their scales and zeros over the first words.
   const char* next = reinterpret_cast<const char*>(a.packed + (n0 + kRows) * a.wpr);
-  const int64_t next_lines = std::max<int64_t>(0, std::min<int64_t>(kRows, a.n - n0 - kRows)) * a.wpr * 4 / 64;
+  const int64_t next_rows = std::max<int64_t>(0, std::min<int64_t>(kRows, a.n - n0 - kRows));
+  const int64_t next_lines = next_rows * a.wpr * 4 / 64;
   const int64_t lines_per_word = (next_lines + a.wpr - 1) / a.wpr;
+  const char* next_scales = reinterpret_cast<const char*>(a.scales + (n0 + kRows) * a.groups);
+  const char* next_zeros = a.zeros ? reinterpret_cast<const char*>(a.zeros + (n0 + kRows) * a.groups) : nullptr;
+  const int64_t next_sz_lines = (next_rows * a.groups * 2 + 63) / 64;
   __m512 y[MR][2], acc[MR][2][NA];
   for (int m = 0; m < MR; ++m)
     for (int h = 0; h < 2; ++h) {
@@ -129,7 +140,9 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
     const __mmask16 mask = __mmask16((1u << nw) - 1);
     for (int h = 0; h < 2; ++h) {
       __m512i v[16];
-      for (int r = 0; r < 16; ++r) v[r] = _mm512_maskz_loadu_epi32(mask, rows[16 * h + r] + wb);
+      for (int r = 0; r < 16; ++r)
+        v[r] = 16 * h + r < valid ? _mm512_maskz_loadu_epi32(mask, task_codes + (16 * h + r) * a.wpr + wb)
+                                  : _mm512_setzero_si512();
       transpose16(v);
       for (int w = 0; w < kChunkWords; ++w) _mm512_store_si512(words[h][w], v[w]);
     }
@@ -138,6 +151,10 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
         const int64_t line0 = (wb + w) * lines_per_word;  // this word's share of the next task's lines
         for (int64_t l = line0; l < std::min(next_lines, line0 + lines_per_word); ++l)
           _mm_prefetch(next + l * 64, _MM_HINT_T1);
+        if (wb + w < next_sz_lines) {
+          _mm_prefetch(next_scales + (wb + w) * 64, _MM_HINT_T1);
+          if (a.zeros) _mm_prefetch(next_zeros + (wb + w) * 64, _MM_HINT_T1);
+        }
         __m512i idx[2] = {_mm512_load_si512(words[0][w]), _mm512_load_si512(words[1][w])};
         const float* tw = tables + (wb + w) * kPairsPerWord * kEntries;
 #pragma GCC unroll 8
@@ -176,25 +193,42 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
     }
 }
 
-// The pair tables of MR rows of x and their sums over each group (group by group, in parallel), then the tasks.
+// The pair tables of MR rows of x and their sums over each group, for one thread.
 template <int MR>
-void run_tasks(const LutPairArgs& a, float* tables, float* xg) {
-  const int64_t tasks = (a.n + kRows - 1) / kRows, kp = a.wpr * 16, tstride = pair_table_floats(a);
+LOWBIT_PAIRS void build_thread_tables(const LutPairArgs& a, float* tables, float* xg) {
+  const int64_t kp = a.wpr * 16, tstride = pair_table_floats(a);
+  for (int64_t m = 0; m < MR; ++m) {
+    const float* x = a.x + m * kp;
+    build_pair_tables(a.table, x, kp / 2, tables + m * tstride);
+    for (int64_t g = 0; g < a.groups; ++g) {
+      const int64_t k0 = g * a.group_size, k1 = std::min<int64_t>(kp, k0 + a.group_size);
+      xg[m * a.groups + g] = sum_floats(x + k0, k1 - k0);
+    }
+  }
+}
+
+// The tasks, each thread building its own copy of the tables before its first one: tables shared between the
+// threads would be written by one core and read by all on every call, and those cache-line transfers cost more
+// than building them twice (4096 x 64 on 2 cores: 25 -> 8 us per call, 4096 x 4096 250 -> 215 us).
+template <int MR>
+void run_tasks(const LutPairArgs& a) {
+  const int64_t tasks = (a.n + kRows - 1) / kRows;
 #pragma omp parallel
   {
+    std::vector<float> owned, xg;
+    std::vector<uint32_t> sz;
+    float* tables = nullptr;
 #pragma omp for schedule(static)
-    for (int64_t mg = 0; mg < MR * a.groups; ++mg) {
-      const int64_t m = mg / a.groups, g = mg % a.groups;
-      const int64_t k0 = g * a.group_size, k1 = std::min<int64_t>(kp, k0 + a.group_size);  // k1 - k0: even
-      const float* x = a.x + m * kp;
-      build_pair_tables(a.table, x + k0, (k1 - k0) / 2, tables + m * tstride + k0 / 2 * kEntries);
-      float sum = 0.0f;
-      for (int64_t k = k0; k < k1; ++k) sum += x[k];
-      xg[mg] = sum;
+    for (int64_t t = 0; t < tasks; ++t) {
+      if (!tables) {
+        float* const raw = scratch_floats(size_t(MR * pair_table_floats(a) + kEntries), owned);
+        tables = raw + (kEntries - (reinterpret_cast<uintptr_t>(raw) / 4) % kEntries) % kEntries;  // 64-byte aligned
+        xg.resize(size_t(MR * a.groups));
+        sz.resize(size_t(a.groups * kRows));
+        build_thread_tables<MR>(a, tables, xg.data());
+      }
+      pair_task<MR>(a, tables, xg.data(), t * kRows, sz.data());
     }
-    std::vector<uint32_t> sz(size_t(a.groups * kRows));
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tasks; ++t) pair_task<MR>(a, tables, xg, t * kRows, sz.data());
   }
 }
 
@@ -202,15 +236,11 @@ void run_tasks(const LutPairArgs& a, float* tables, float* xg) {
 
 void lut2_pairs_gemv_avx512(const LutPairArgs& a) {
   if (a.m < 1 || a.m > kLutPairMaxRows) throw std::invalid_argument("lut2_pairs_gemv: m out of range");
-  std::vector<float> owned;
-  float* const raw = scratch_floats(size_t(a.m * pair_table_floats(a) + kEntries), owned);
-  float* tables = raw + (kEntries - (reinterpret_cast<uintptr_t>(raw) / 4) % kEntries) % kEntries;  // 64-byte aligned
-  std::vector<float> xg(size_t(a.m * a.groups));
   switch (a.m) {
-    case 1: run_tasks<1>(a, tables, xg.data()); break;
-    case 2: run_tasks<2>(a, tables, xg.data()); break;
-    case 3: run_tasks<3>(a, tables, xg.data()); break;
-    default: run_tasks<4>(a, tables, xg.data()); break;
+    case 1: run_tasks<1>(a); break;
+    case 2: run_tasks<2>(a); break;
+    case 3: run_tasks<3>(a); break;
+    default: run_tasks<4>(a); break;
   }
 }
 
