@@ -1,6 +1,6 @@
 """Quantized GEMM speed (y = x W^T) on the shapes of a 7B model's linears, M = 1, 4, 16, 64 rows of x: lowbit's
-LUT GEMM at 2/3/4 bits (affine codes, group 128; fp32 activations), the LUT GEMM for int8 activations (NF2/NF4
-tables through the async kernel's table mode), the async-dequant 2/4-bit GEMM (int8 activations), the mixed
+LUT GEMM at 2/3/4 bits (affine codes, group 128; fp32 activations; 2-bit also over interleaved codes), the LUT
+GEMM for int8 activations (NF2/NF4 tables through the async kernel's table mode), the async-dequant 2/4-bit GEMM (int8 activations), the mixed
 2/4-bit GEMM (2.5 bits on average) and VQ GEMM (2 bits/weight: AQLM 1x16 and 2x8) against torch dense fp32 and bf16
 and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through more memory than the L3
 (bench/memory.py), so the numbers are what a decoding step sees; GB/s counts the bytes of the weight's storage
@@ -8,8 +8,9 @@ and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through
 import pytest
 import torch
 
-from lowbit.ops import (MixedGemmWeight, aligned_from_codes, async_dequant_gemm, lut_gemm, mixed_gemm, nf_table, pack_mixed,
-                        pack_uniform, prepare_lut_table, prepare_mixed_gemm, vq_gemm)
+from lowbit.ops import (MixedGemmWeight, aligned_from_codes, async_dequant_gemm, interleave_lut_codes, lut_gemm,
+                        mixed_gemm, nf_table, pack_mixed, pack_uniform, prepare_lut_table, prepare_mixed_gemm,
+                        vq_gemm)
 from memory import cycling, nbytes, read_bandwidth
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (K, N)
@@ -41,6 +42,25 @@ def test_lowbit_lut_gemm(benchmark, k, n, m, bits):
     def make():
         codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
         return (pack_uniform(codes, bits), (torch.rand(n, g) * 0.01).half(), torch.full((n, g), 2.0).half())
+
+    operands = cycling(make)
+    table = torch.arange(2**bits, dtype=torch.float32)
+    x = torch.randn(m, k)
+    _run(benchmark, operands, lambda x, p, s, z: lut_gemm(x, p, s, table, bits, GROUP, zeros=z), x)
+    _report(benchmark, nbytes(operands()))
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
+def test_lowbit_lut_gemm_interleaved(benchmark, k, n, m, bits=2):
+    """The 2-bit LUT GEMV over codes re-laid once by interleave_lut_codes (what its AVX-512 pair path reads)."""
+    _case(benchmark, k, n, m)
+    g = -(-k // GROUP)
+
+    def make():
+        codes = torch.randint(0, 2**bits, (n, k), dtype=torch.uint8)
+        return (interleave_lut_codes(pack_uniform(codes, bits)), (torch.rand(n, g) * 0.01).half(),
+                torch.full((n, g), 2.0).half())
 
     operands = cycling(make)
     table = torch.arange(2**bits, dtype=torch.float32)

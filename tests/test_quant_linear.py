@@ -168,13 +168,14 @@ def test_incoherence_signs_are_checked_once():
         QuantLinear(q.weight, signs_in=torch.ones(64), signs_out=torch.ones(31))
 
 
+@pytest.mark.parametrize("rows", [2, 7])  # 2-bit, 2 rows: the pair GEMV over interleaved codes on AVX-512
 @pytest.mark.parametrize("method,bits", [("rtn", 4), ("rtn", 2), ("nf", 4), ("nf", 2), ("mixed", 3)])
-def test_float_activations_run_the_lut_kernel_on_unrounded_x(method, bits):
+def test_float_activations_run_the_lut_kernel_on_unrounded_x(method, bits, rows):
     lin = nn.Linear(192, 64, bias=True)
     q = quantize_linear(lin, method, bits, 64, hessian=hessian(192))
     exact = QuantLinear(q.weight, lin.bias.detach(), float_activations=True)
     assert q.int8_activations and not exact.int8_activations
-    x = torch.randn(7, 192)
+    x = torch.randn(rows, 192)
     with torch.no_grad():
         ref = x.double() @ q.dequantize().double().T + lin.bias.double()
         err_exact = float((exact(x).double() - ref).abs().max() / ref.abs().max())

@@ -44,9 +44,17 @@ void lut_gemm(const py::capsule& xc, const py::capsule& packedc, const py::capsu
   check_contiguous(x, kOp, "x");
   check_int32_indexable(x, kOp, "x");
   check_dtype(packed, kOp, "packed", {DType::i32, DType::u32});
-  check_ndim(packed, kOp, "packed", 2);
-  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
-  check_input(packed, x, "packed", {n, words_per_row(k, bits)});
+  check_ndim(scales, kOp, "scales", 2);
+  const int64_t m = x.size(0), k = x.size(1), n = scales.size(0);
+  if (packed.ndim() == 3) {  // the interleaved layout
+    if (x.device == Device::cuda)
+      throw std::invalid_argument(std::string(kOp) + ": the interleaved code layout runs on the CPU only; pass the "
+                                  "canonical [N, words] codes for CUDA tensors");
+    check_input(packed, x, "packed",
+                {(n + kLutInterleaveRows - 1) / kLutInterleaveRows, words_per_row(k, bits), kLutInterleaveRows});
+  } else {
+    check_input(packed, x, "packed", {n, words_per_row(k, bits)});
+  }
   const std::vector<int64_t> group_shape{n, groups_for(k, group_size)};
   check_dtype(scales, kOp, "scales", {DType::f16});
   check_input(scales, x, "scales", group_shape);

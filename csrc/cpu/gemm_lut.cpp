@@ -310,16 +310,29 @@ void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorVie
     throw std::invalid_argument("lut_gemm: group_size must be 32, 64 or 128, got " + std::to_string(group_size));
   const int isa = cpu_isa();
   const LutKernels& kern = kernels_for(isa);
-  const int64_t m = x.size(0), k = x.size(1), n = packed.size(0);
+  const int64_t m = x.size(0), k = x.size(1), n = scales.size(0), wpr = words_per_row(k, bits);
   if (m == 0 || n == 0) return;
   const int64_t blocks = blocks_for(k), kp = blocks * kCodesPerBlock, mpad = (m + 3) / 4 * 4;
+  const bool interleaved = packed.ndim() == 3;
+  const bool pairs = bits == 2 && m <= kLutPairMaxRows && n >= kLutPairMinN && isa >= kIsaAvx512;
+  std::vector<uint32_t> canonical;  // the interleaved layout, for the paths that read the canonical one
+  const uint32_t* codes = packed.ptr<uint32_t>();
+  if (interleaved && !pairs && blocks > 0) {
+    canonical.resize(size_t(n * wpr));
+#pragma omp parallel for schedule(static) if (n * wpr > (1 << 16))
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t w = 0; w < wpr; ++w)
+        canonical[size_t(r * wpr + w)] = codes[(r / kLutInterleaveRows * wpr + w) * kLutInterleaveRows +
+                                               r % kLutInterleaveRows];
+    codes = canonical.data();
+  }
   const int dt = x.dtype == DType::f32 ? 0 : x.dtype == DType::f16 ? 1 : 2;
 
   std::vector<float> ybuf(out.dtype == DType::f32 ? 0 : size_t(m * n));
   float* y = out.dtype == DType::f32 ? out.ptr<float>() : ybuf.data();
   if (blocks == 0) {
     std::fill(y, y + m * n, 0.0f);
-  } else if (bits == 2 && m <= kLutPairMaxRows && n >= kLutPairMinN && isa >= kIsaAvx512) {
+  } else if (pairs) {
     std::vector<float> xn(size_t(m * kp), 0.0f);  // x in fp32, natural order, zero-padded to kp
     by_dtype(x.dtype, "lut_gemm", "x", [&](auto io) {
       using IO = decltype(io);
@@ -327,7 +340,7 @@ void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorVie
       for (int64_t i = 0; i < m; ++i)
         for (int64_t c = 0; c < k; ++c) xn[i * kp + c] = IO::load(src, i * k + c);
     });
-    lut2_pairs_gemv_avx512({packed.ptr<uint32_t>(), words_per_row(k, bits), scales.ptr<uint16_t>(),
+    lut2_pairs_gemv_avx512({codes, interleaved, wpr, scales.ptr<uint16_t>(),
                             zeros ? zeros->ptr<uint16_t>() : nullptr, groups_for(k, group_size), group_size,
                             table.ptr<float>(), xn.data(), y, m, n});
   } else {
@@ -340,7 +353,7 @@ void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorVie
     float table16[kLutMaxEntries];
     const float* tv = table.ptr<float>();
     for (int i = 0; i < kLutMaxEntries; ++i) table16[i] = tv[i & ((1 << bits) - 1)];
-    const LutArgs args{packed.ptr<uint32_t>(), words_per_row(k, bits), scales.ptr<uint16_t>(),
+    const LutArgs args{codes, wpr, scales.ptr<uint16_t>(),
                        zeros ? zeros->ptr<uint16_t>() : nullptr, groups_for(k, group_size), table16, xs.data(), kp,
                        y, m, n, blocks, group_size / kCodesPerBlock};
     if (m < kLargeM) {

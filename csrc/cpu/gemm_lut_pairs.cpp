@@ -2,9 +2,10 @@
 // row of x, a 16-entry table holds table[a] * x[k] + table[b] * x[k + 1] for every code pair (a, b); the four
 // bits of a code pair as the canonical layout stores them (a in bits 0-1, b in bits 2-3) index it directly, so
 // one vpermps looks up two codes of 16 weight rows at once and one add accumulates them, the products being in
-// the table. Weight rows are read 32 at a time (two 16-lane halves): 16 code words of each of 16 rows are
-// transposed in registers so that lane r of a vector holds row r's word, whose 8 code pairs come out by shifts
-// of 4 (vpermps reads bits 0-3 of each index). At the end of each group zero * sum(x over the group) is
+// the table. Weight rows are read 32 at a time (two 16-lane halves), lane r of a vector holding row r's word,
+// whose 8 code pairs come out by shifts of 4 (vpermps reads bits 0-3 of each index): the interleaved layout
+// (lut_gemm.h) stores the words so; from the canonical one, 16 code words of each of 16 rows are transposed in
+// registers first (about a fifth of the time). At the end of each group zero * sum(x over the group) is
 // subtracted from the sums and they are multiplied by the scales (scales and zeros transposed the same way,
 // once per task). Per two codes of 16 rows that is a shift, a permute and an add, half the vector work per
 // code of the per-row lookup in gemm_lut_isa.inc, which bounds that kernel at M = 1 on cores that run 512-bit
@@ -15,6 +16,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "lowbit/lut_gemm.h"
 #include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -34,6 +36,7 @@ namespace {
 #define LOWBIT_PAIRS __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 constexpr int kRows = 32;          // weight rows per task: two halves of 16 lanes
+static_assert(kRows == kLutInterleaveRows, "a task is one block of the interleaved layout");
 constexpr int kChunkWords = 16;    // code words of each row transposed at once (256 codes)
 constexpr int kPairsPerWord = 8;   // 2-bit code pairs per 32-bit word
 constexpr int kEntries = 16;       // entries of one pair table
@@ -111,8 +114,10 @@ LOWBIT_PAIRS void transpose_scales(const LutPairArgs& a, int64_t n0, uint32_t* w
 template <int MR>
 LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const float* xg, int64_t n0, uint32_t* sz) {
   constexpr int NA = MR >= 3 ? 1 : 2;
-  // Rows past N read as zero codes; their outputs are dropped. (Rows are addressed from one base pointer: an
-  // array of 32 row pointers was kept in vector registers, and the lookups' sums were spilled for lack of them.)
+  // Rows past N read as zero codes (the interleaved layout stores them so); their outputs are dropped. (Rows are
+  // addressed from one base pointer: an array of 32 row pointers was kept in vector registers, and the lookups'
+  // sums were spilled for lack of them.) In both layouts the task's codes start at n0 * wpr and the next task's
+  // follow them.
   const int valid = int(std::min<int64_t>(kRows, a.n - n0));
   const uint32_t* task_codes = a.packed + n0 * a.wpr;
   transpose_scales(a, n0, sz);
@@ -134,17 +139,22 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
       y[m][h] = _mm512_setzero_ps();
       for (int i = 0; i < NA; ++i) acc[m][h][i] = _mm512_setzero_ps();
     }
-  alignas(64) uint32_t words[2][kChunkWords][16];
+  alignas(64) uint32_t words[kChunkWords][kRows];  // canonical codes of the chunk, transposed: [word][row]
   for (int64_t wb = 0; wb < a.wpr; wb += kChunkWords) {
     const int nw = int(std::min<int64_t>(kChunkWords, a.wpr - wb));
-    const __mmask16 mask = __mmask16((1u << nw) - 1);
-    for (int h = 0; h < 2; ++h) {
-      __m512i v[16];
-      for (int r = 0; r < 16; ++r)
-        v[r] = 16 * h + r < valid ? _mm512_maskz_loadu_epi32(mask, task_codes + (16 * h + r) * a.wpr + wb)
-                                  : _mm512_setzero_si512();
-      transpose16(v);
-      for (int w = 0; w < kChunkWords; ++w) _mm512_store_si512(words[h][w], v[w]);
+    // The chunk's words as [word][row of the task]: the interleaved layout stores them so, the canonical one is
+    // transposed here (16 x 16 per half).
+    const uint32_t* chunk = a.interleaved ? task_codes + wb * kRows : &words[0][0];
+    if (!a.interleaved) {
+      const __mmask16 mask = __mmask16((1u << nw) - 1);
+      for (int h = 0; h < 2; ++h) {
+        __m512i v[16];
+        for (int r = 0; r < 16; ++r)
+          v[r] = 16 * h + r < valid ? _mm512_maskz_loadu_epi32(mask, task_codes + (16 * h + r) * a.wpr + wb)
+                                    : _mm512_setzero_si512();
+        transpose16(v);
+        for (int w = 0; w < kChunkWords; ++w) _mm512_store_si512(&words[w][16 * h], v[w]);
+      }
     }
     for (int w0 = 0; w0 < nw; w0 += wpg) {  // the groups of the chunk (chunks start on a group boundary)
       for (int w = w0; w < std::min(nw, w0 + wpg); ++w) {
@@ -155,7 +165,7 @@ LOWBIT_PAIRS void pair_task(const LutPairArgs& a, const float* tables, const flo
           _mm_prefetch(next_scales + (wb + w) * 64, _MM_HINT_T1);
           if (a.zeros) _mm_prefetch(next_zeros + (wb + w) * 64, _MM_HINT_T1);
         }
-        __m512i idx[2] = {_mm512_load_si512(words[0][w]), _mm512_load_si512(words[1][w])};
+        __m512i idx[2] = {_mm512_loadu_si512(chunk + w * kRows), _mm512_loadu_si512(chunk + w * kRows + 16)};
         const float* tw = tables + (wb + w) * kPairsPerWord * kEntries;
 #pragma GCC unroll 8
         for (int j = 0; j < kPairsPerWord; ++j) {

@@ -13,7 +13,8 @@ constexpr int64_t kLutPairMaxRows = 4;
 constexpr int64_t kLutPairMinN = 64;
 
 struct LutPairArgs {
-  const uint32_t* packed;  // canonical 2-bit codes [n, wpr]
+  const uint32_t* packed;  // 2-bit codes: canonical [n, wpr], or interleaved [ceil(n / 32), wpr, 32]
+  bool interleaved;        // which of the two (lut_gemm.h)
   int64_t wpr;             // words per row (16 codes each; a multiple of 2)
   const uint16_t* scales;  // fp16 [n, groups]
   const uint16_t* zeros;   // fp16 [n, groups], or nullptr for zero = 0

@@ -23,7 +23,12 @@ LOWBIT_HD bool lut_gemm_group_ok(int group_size) {
 // One entry of the fused table of a (row, group).
 LOWBIT_HD float lut_fused_entry(float table_value, float scale, float zero) { return scale * (table_value - zero); }
 
-// Entry points. x: contiguous [M, K] fp32/fp16/bf16; packed: int32/uint32 [N, words_per_row(K, bits)];
+//! Weight rows per block of the interleaved code layout: codes[b][w][r] is word w of row 32 * b + r of the
+//! canonical layout (zero past N), so the words of 32 consecutive rows at one position are contiguous.
+constexpr int64_t kLutInterleaveRows = 32;
+
+// Entry points. x: contiguous [M, K] fp32/fp16/bf16; packed: int32/uint32 [N, words_per_row(K, bits)]
+// (canonical) or [ceil(N / 32), words_per_row(K, bits), 32] (interleaved; CPU only);
 // scales (and zeros, or nullptr for zero = 0): fp16 [N, groups_for(K, group_size)]; table: fp32 [2^bits];
 // out: contiguous [M, N] of x's dtype. Accumulation is fp32.
 void lut_gemm_cpu(const TensorView& x, const TensorView& packed, const TensorView& scales, const TensorView* zeros,

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from lowbit.formats import TENSOR_NAMES, QuantizedWeight
-from lowbit.ops import prepare_async_dequant, prepare_lut_table, prepare_mixed_gemm, randomized_hadamard_transform
+from lowbit.ops import (cpu_isa, interleave_lut_codes, prepare_async_dequant, prepare_lut_table, prepare_mixed_gemm,
+                        randomized_hadamard_transform)
 from lowbit.ops.async_dequant import ASYNC_DEQUANT_BITS, async_dequant_gemm_unchecked
 from lowbit.ops.hadamard import check_hadamard_size, hadamard_unchecked
 from lowbit.ops.lut_gemm import lut_gemm_unchecked
@@ -209,7 +210,10 @@ def _grouped_gemm(packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[to
                                               group_size)
     if table is None:
         table = torch.arange(2**bits, dtype=torch.float32, device=packed.device)
-    return lut_gemm_unchecked, (packed.contiguous(), scales, zeros, table.contiguous(), bits, group_size)
+    codes = packed.contiguous()
+    if bits == 2 and codes.device.type == "cpu" and cpu_isa() in ("avx512", "amx"):
+        codes = interleave_lut_codes(codes)  # what the 2-bit AVX-512 GEMV reads without transposing
+    return lut_gemm_unchecked, (codes, scales, zeros, table.contiguous(), bits, group_size)
 
 
 def _check_signs(name: str, signs: torch.Tensor, n: int) -> None:
