@@ -52,7 +52,7 @@ def test_lowbit_lut_gemm(benchmark, k, n, m, bits):
 
 @pytest.mark.parametrize("m", [1, 4])
 @pytest.mark.parametrize("k,n", SHAPES, ids=[f"{k}x{n}" for k, n in SHAPES])
-def test_lowbit_lut_gemm_interleaved(benchmark, k, n, m, bits=2):
+def test_lowbit_lut_gemm_interleaved_2bit(benchmark, k, n, m, bits=2):
     """The 2-bit LUT GEMV over codes re-laid once by interleave_lut_codes (what its AVX-512 pair path reads)."""
     _case(benchmark, k, n, m)
     g = -(-k // GROUP)

@@ -7,7 +7,8 @@
 //                register-blocked dot-product GEMM over the tile.
 // One kernel set per instruction set (AVX-512, AVX2 + FMA, portable C++), from gemm_lut_isa.inc, chosen at
 // run time (cpu_isa.h). 2-bit codes with at most kLutPairMaxRows rows of x (and at least kLutPairMinN weight
-// rows) on AVX-512 take the pair-table GEMV of gemm_lut_pairs.cpp instead.
+// rows) on AVX-512 take the pair-table GEMV of gemm_lut_pairs.cpp instead, which also reads the interleaved
+// code layout (lut_gemm.h); the other paths read canonical codes, converted per call from an interleaved weight.
 #include "lowbit/lut_gemm.h"
 
 #include <algorithm>
