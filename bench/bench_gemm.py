@@ -1,10 +1,10 @@
-"""Quantized GEMM speed (y = x W^T) on the shapes of a 7B model's linears, M = 1, 4, 16, 64 rows of x: lowbit's
-LUT GEMM at 2/3/4 bits (affine codes, group 128; fp32 activations; 2-bit also over interleaved codes), the LUT
-GEMM for int8 activations (NF2/NF4 tables through the async kernel's table mode), the async-dequant 2/4-bit GEMM
-(int8 activations), the mixed 2/4-bit GEMM (2.5 bits on average) and VQ GEMM (2 bits/weight: AQLM 1x16 and
-2x8) against torch dense fp32 and bf16 and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through more memory than the L3
-(bench/memory.py), so the numbers are what a decoding step sees; GB/s counts the bytes of the weight's storage
-(codes + scales + zeros, or the dense matrix) and `of_bw` is that over the measured read bandwidth."""
+"""Quantized GEMM speed (y = x W^T) on the shapes of a 7B model's linears, M = 1, 4, 16, 64 rows of x: lowbit's LUT GEMM
+at 2/3/4 bits (affine codes, group 128; fp32 activations; 2-bit also over interleaved codes), the LUT GEMM for int8
+activations (NF2/NF4 tables through the async kernel's table mode), the async-dequant 2/4-bit GEMM (int8
+activations), the mixed 2/4-bit GEMM (2.5 bits on average) and VQ GEMM (2 bits/weight: AQLM 1x16 and 2x8) against
+torch dense fp32 and bf16 and torch's int4 weight-only CPU kernel, in the same run. Operands cycle through more
+memory than the L3 (bench/memory.py), so the numbers are what a decoding step sees; GB/s counts the bytes of the
+weight's storage (codes + scales + zeros, or the dense matrix) and `of_bw` is that over the measured read bandwidth."""
 import pytest
 import torch
 
