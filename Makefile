@@ -4,7 +4,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 LOWBIT_CUDA ?= AUTO
 LOWBIT_CUDA_ARCHS ?= 80;90
-export LOWBIT_CUDA LOWBIT_CUDA_ARCHS
+# The test-only CUDA emulator module (lowbit._cuda_emu): on for the development install, off for the wheel.
+LOWBIT_CUDA_EMULATION ?= ON
+export LOWBIT_CUDA LOWBIT_CUDA_ARCHS LOWBIT_CUDA_EMULATION
 
 .PHONY: install test demo bench wheel readme-check clean
 
@@ -36,7 +38,7 @@ bench: install
 SMOKE_VENV := dist/smoke-venv
 wheel: $(VENV)/.deps
 	rm -rf dist && mkdir -p dist
-	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
+	LOWBIT_CUDA_EMULATION=OFF $(PY) -m pip wheel -q --no-deps --no-build-isolation -w dist .
 	$(PYTHON) -m venv $(SMOKE_VENV)
 	$(SMOKE_VENV)/bin/python -m pip install -q torch==2.13.0
 	$(SMOKE_VENV)/bin/python -m pip install -q dist/lowbit-*.whl

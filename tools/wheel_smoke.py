@@ -11,6 +11,8 @@ import lowbit
 from lowbit.ops import hadamard_transform, pack_uniform, randomized_hadamard_transform, unpack
 
 here = pathlib.Path(lowbit.__file__).resolve()
+assert not list(here.parent.glob("_cuda_emu*")), "the wheel ships the test-only CUDA emulator"
+
 assert "site-packages" in here.parts, f"lowbit imported from {here}, not from the installed wheel"
 info = lowbit.build_info()
 print(json.dumps({k: info[k] for k in ("version", "cuda", "cuda_archs", "cpu_features") if k in info}))

@@ -3,7 +3,9 @@
 
 #include <stdexcept>
 
-#ifdef LOWBIT_WITH_CUDA
+#if defined(LOWBIT_CUDA_EMULATION)
+#include "lowbit/cuda_emu/runtime.h"
+#elif defined(LOWBIT_WITH_CUDA)
 #include <cuda_runtime_api.h>
 #endif
 

@@ -1,4 +1,6 @@
-// The pybind11 module lowbit._C: build information, exception mapping and the op families.
+// The pybind11 module lowbit._C: build information, exception mapping and the op families. The same source is
+// the test-only lowbit._cuda_emu (LOWBIT_MODULE_NAME), whose CUDA entry points run on the CUDA emulator and
+// which adds the emulator's controls.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -18,10 +20,13 @@
 #ifndef LOWBIT_CUDA_COMPILER
 #define LOWBIT_CUDA_COMPILER ""
 #endif
+#ifndef LOWBIT_MODULE_NAME
+#define LOWBIT_MODULE_NAME _C
+#endif
 
 namespace py = pybind11;
 
-PYBIND11_MODULE(_C, m) {
+PYBIND11_MODULE(LOWBIT_MODULE_NAME, m) {
   m.doc() = "lowbit native kernels (CPU, and CUDA when built with it)";
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -53,4 +58,7 @@ PYBIND11_MODULE(_C, m) {
   lowbit::register_lut_gemm(m);
   lowbit::register_vq_gemm(m);
   lowbit::register_async_dequant(m);
+#ifdef LOWBIT_CUDA_EMULATION
+  lowbit::register_cuda_emulation(m);
+#endif
 }

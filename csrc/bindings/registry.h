@@ -9,4 +9,6 @@ void register_kv(pybind11::module_& m);
 void register_lut_gemm(pybind11::module_& m);
 void register_vq_gemm(pybind11::module_& m);
 void register_async_dequant(pybind11::module_& m);
+// The CUDA emulator's controls, in lowbit._cuda_emu only (csrc/cuda_emu/controls.cpp).
+void register_cuda_emulation(pybind11::module_& m);
 }  // namespace lowbit

@@ -15,6 +15,7 @@
 #include <algorithm>
 
 #include "lowbit/async_dequant.h"
+#include "lowbit/cuda_ptx.cuh"
 #include "lowbit/cuda_utils.cuh"
 #include "lowbit/element_io.h"
 #include "lowbit/half.h"
@@ -29,25 +30,6 @@ constexpr int kMb = 4;             // rows of x per CUDA block
 constexpr int kTileChunks = 4;     // 32-byte chunks per tile
 constexpr int kXChunkStride = 160; // bytes between activation chunks in shared memory (128 + 32 of padding)
 
-__device__ __forceinline__ void copy16(void* smem, const void* gmem) {
-#if __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-#else
-  *reinterpret_cast<uint4*>(smem) = __ldg(reinterpret_cast<const uint4*>(gmem));
-#endif
-}
-__device__ __forceinline__ void copy_commit() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-__device__ __forceinline__ void copy_wait_all_but_one() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 1;\n" ::);
-#endif
-}
-
 struct Stage {
   uint8_t codes[kRows][kPieces * 16];
   uint8_t x[kMb][kTileChunks * kXChunkStride];
@@ -59,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
     const uint16_t* __restrict__ scales, const uint16_t* __restrict__ zeros, const uint32_t* __restrict__ table_q,
     const float* __restrict__ table_scale, typename IO::storage* __restrict__ out, int m, int n, int k, int kp,
     int groups, int group_size) {
-  __shared__ __align__(16) Stage stages[2];
+  LOWBIT_SHARED(Stage, stages, [2]);
   uint32_t tq[4] = {0u, 0u, 0u, 0u};
   float ts = 1.0f;
   if constexpr (TABLE) {
@@ -81,12 +63,12 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
 
   auto load_tile = [&](int t, Stage& s) {
     const int ch = t * kTileChunks + j / 2;
-    if (row < n && ch < chunks) copy16(&s.codes[r][j * 16], packed + row * row_bytes + ch * 32 + (j % 2) * 16);
+    if (row < n && ch < chunks) cp_async16(&s.codes[r][j * 16], packed + row * row_bytes + ch * 32 + (j % 2) * 16);
     const int xm = tid / 32, piece = tid % 32, xch = t * kTileChunks + piece / kXPieces;
     if (xm < mb && piece < kTileChunks * kXPieces && xch < chunks)
-      copy16(&s.x[xm][(piece / kXPieces) * kXChunkStride + (piece % kXPieces) * 16],
+      cp_async16(&s.x[xm][(piece / kXPieces) * kXChunkStride + (piece % kXPieces) * 16],
              xq + int64_t(m0 + xm) * kp + int64_t(xch) * kCodes + (piece % kXPieces) * 16);
-    copy_commit();
+    cp_async_commit();
   };
 
   float acc[kMb] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -95,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
     if (t + 1 < tiles)
       load_tile(t + 1, stages[(t + 1) & 1]);
     else
-      copy_commit();  // an empty group keeps "all but one" meaning "tile t has landed"
+      cp_async_commit();  // an empty group keeps "all but one" meaning "tile t has landed"
     const int ch = t * kTileChunks + j / 2;
     const bool live = row < n && ch < chunks;
     // Scales and zeros of the thread's runs, issued before the wait so that they overlap it.
@@ -108,7 +90,7 @@ __global__ void __launch_bounds__(kThreads) async_dequant_gemm_kernel(
       sc[c] = gc[c] >= 0 ? half_to_float(scales[int64_t(row) * groups + gc[c]]) : 0.0f;
       zc[c] = gc[c] >= 0 && zeros ? half_to_float(zeros[int64_t(row) * groups + gc[c]]) : 0.0f;
     }
-    copy_wait_all_but_one();
+    cp_async_wait<1>();
     __syncthreads();
     const Stage& s = stages[t & 1];
     if (live) {
@@ -225,23 +207,23 @@ void quantize(const TensorView& x, const TensorView& xq, const TensorView& d, in
   const int64_t warps = int64_t(m) * groups;
   if (warps == 0) return;
   const int threads = 256;
-  quantize_activations_kernel<IO><<<unsigned((warps * 32 + threads - 1) / threads), threads, 0, stream>>>(
-      static_cast<const typename IO::storage*>(x.data), xq.ptr<int8_t>(), d.ptr<float>(), m, k, int(xq.size(1)),
-      groups, group_size);
-  cuda_check_launch("quantize_activations_kernel");
+  launch_kernel("quantize_activations_kernel", quantize_activations_kernel<IO>,
+                unsigned((warps * 32 + threads - 1) / threads), threads, 0, stream,
+                static_cast<const typename IO::storage*>(x.data), xq.ptr<int8_t>(), d.ptr<float>(), m, k,
+                int(xq.size(1)), groups, group_size);
 }
 
 template <typename IO, int BITS, bool TABLE>
 void launch(const AsyncGemmOperands& op, cudaStream_t stream) {
   const int m = int(op.xq.size(0)), n = int(op.packed.size(0));
   const dim3 grid(unsigned((n + kRows - 1) / kRows), unsigned((m + kMb - 1) / kMb));
-  async_dequant_gemm_kernel<IO, BITS, TABLE><<<grid, kThreads, 0, stream>>>(
+  launch_kernel(
+      "async_dequant_gemm_kernel", async_dequant_gemm_kernel<IO, BITS, TABLE>, grid, kThreads, 0, stream,
       op.xq.ptr<int8_t>(), op.d.ptr<float>(), static_cast<const uint8_t*>(op.packed.data),
       op.scales.ptr<uint16_t>(), op.zeros ? op.zeros->ptr<uint16_t>() : nullptr,
       TABLE ? static_cast<const uint32_t*>(op.table_q->data) : nullptr,
       TABLE ? op.table_scale->ptr<float>() : nullptr, static_cast<typename IO::storage*>(op.out.data), m, n,
       int(op.k), int(op.xq.size(1)), int(op.d.size(1)), op.group_size);
-  cuda_check_launch("async_dequant_gemm_kernel");
 }
 
 template <typename IO>
@@ -257,12 +239,11 @@ template <typename IO>
 void mixed(const MixedGemmOperands& op, cudaStream_t stream) {
   const int m = int(op.xq.size(0)), n = int(op.packed.size(0));
   const dim3 grid(unsigned((n + kMixedWarps - 1) / kMixedWarps), unsigned((m + kMb - 1) / kMb));
-  mixed_gemm_kernel<IO><<<grid, kMixedWarps * 32, 0, stream>>>(
-      op.xq.ptr<int8_t>(), op.d.ptr<float>(), static_cast<const uint8_t*>(op.packed.data), op.runs4.ptr<int32_t>(),
+  launch_kernel(
+      "mixed_gemm_kernel", mixed_gemm_kernel<IO>, grid, kMixedWarps * 32, 0, stream, op.xq.ptr<int8_t>(), op.d.ptr<float>(), static_cast<const uint8_t*>(op.packed.data), op.runs4.ptr<int32_t>(),
       op.runs2.ptr<int32_t>(), int(op.runs4.size(0)), int(op.runs2.size(0)), op.scales.ptr<uint16_t>(),
       op.zeros.ptr<uint16_t>(), static_cast<typename IO::storage*>(op.out.data), m, n, int(op.xq.size(1)),
       int(op.d.size(1)), op.group_size);
-  cuda_check_launch("mixed_gemm_kernel");
 }
 
 }  // namespace

@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const typename IO::s
                                                             const float* __restrict__ table,
                                                             typename IO::storage* __restrict__ out, int m, int n,
                                                             int k, int groups, int blocks_per_group) {
-  __shared__ float lut[kLutMaxEntries];
+  LOWBIT_SHARED(float, lut, [kLutMaxEntries]);
   if (threadIdx.x < (1 << BITS)) lut[threadIdx.x] = table[threadIdx.x];
   __syncthreads();
   const int lane = threadIdx.x & 31;
@@ -84,12 +84,11 @@ void launch(const TensorView& x, const TensorView& packed, const TensorView& sca
             const TensorView& table, const TensorView& out, int group_size, cudaStream_t stream) {
   const int m = int(x.size(0)), k = int(x.size(1)), n = int(packed.size(0));
   const int blocks = (n + kWarps - 1) / kWarps;
-  lut_gemm_kernel<IO, BITS, MB><<<blocks, kThreads, 0, stream>>>(
-      static_cast<const typename IO::storage*>(x.data), static_cast<const uint32_t*>(packed.data),
-      scales.ptr<uint16_t>(), zeros ? zeros->ptr<uint16_t>() : nullptr, table.ptr<float>(),
-      static_cast<typename IO::storage*>(out.data), m, n, k, int(groups_for(k, group_size)),
-      group_size / kCodesPerBlock);
-  cuda_check_launch("lut_gemm_kernel");
+  launch_kernel("lut_gemm_kernel", lut_gemm_kernel<IO, BITS, MB>, blocks, kThreads, 0, stream,
+                static_cast<const typename IO::storage*>(x.data), static_cast<const uint32_t*>(packed.data),
+                scales.ptr<uint16_t>(), zeros ? zeros->ptr<uint16_t>() : nullptr, table.ptr<float>(),
+                static_cast<typename IO::storage*>(out.data), m, n, k, int(groups_for(k, group_size)),
+                group_size / kCodesPerBlock);
 }
 
 template <typename IO, int BITS>

@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(const typename IO::st
                                                            const uint16_t* __restrict__ scales,
                                                            typename IO::storage* __restrict__ out, int m, int n,
                                                            int k, int r_count, int entries) {
-  extern __shared__ __align__(16) uint16_t smem_cb[];
+  LOWBIT_DYNAMIC_SHARED(uint16_t, smem_cb);
   const uint16_t* cb = codebooks;
   if (kShared) {
     const int words = r_count * entries * kVqVecLen / 8;  // uint4 units
@@ -103,10 +103,9 @@ void launch_gemm(const TensorView& x, const TensorView& codes, const TensorView&
                "vq_gemm (occupancy)");
     blocks = std::min(blocks, std::max(1, sms * std::max(1, per_sm)));
   }
-  kernel<<<blocks, kThreads, smem, stream>>>(
-      static_cast<const typename IO::storage*>(x.data), codes.ptr<C>(), codebooks.ptr<uint16_t>(),
-      scales.ptr<uint16_t>(), static_cast<typename IO::storage*>(out.data), m, n, k, r, e);
-  cuda_check_launch("vq_gemm_kernel");
+  launch_kernel("vq_gemm_kernel", kernel, blocks, kThreads, smem, stream,
+                static_cast<const typename IO::storage*>(x.data), codes.ptr<C>(), codebooks.ptr<uint16_t>(),
+                scales.ptr<uint16_t>(), static_cast<typename IO::storage*>(out.data), m, n, k, r, e);
 }
 
 template <typename IO, typename C>
@@ -151,11 +150,10 @@ void dequantize_codes(const TensorView& codes, const TensorView& codebooks, cons
   const int64_t total = codes.size(0) * codes.size(1);
   if (total == 0) return;
   const int threads = 256;
-  vq_dequantize_kernel<IO, C><<<unsigned((total + threads - 1) / threads), threads, 0, stream>>>(
-      codes.ptr<C>(), codebooks.ptr<uint16_t>(), scales.ptr<uint16_t>(),
-      static_cast<typename IO::storage*>(out.data), total, int(codes.size(1)), int(codes.size(2)),
-      int(codebooks.size(1)));
-  cuda_check_launch("vq_dequantize_kernel");
+  launch_kernel("vq_dequantize_kernel", vq_dequantize_kernel<IO, C>, unsigned((total + threads - 1) / threads),
+                threads, 0, stream, codes.ptr<C>(), codebooks.ptr<uint16_t>(), scales.ptr<uint16_t>(),
+                static_cast<typename IO::storage*>(out.data), total, int(codes.size(1)), int(codes.size(2)),
+                int(codebooks.size(1)));
 }
 
 template <typename IO>

@@ -18,7 +18,7 @@ __global__ void __launch_bounds__(kMaxThreads) hadamard_kernel(const typename IO
                                                                const float* __restrict__ signs, float scale,
                                                                bool inverse, int log2_p, int m, int table_offset,
                                                                int words_per_row) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  LOWBIT_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int table_words = m > 1 ? m * words_per_row : 0;
   uint64_t* table = reinterpret_cast<uint64_t*>(smem_raw);
   float* buf = reinterpret_cast<float*>(table + table_words);
@@ -105,10 +105,9 @@ void launch(const TensorView& x, const TensorView& out, const float* signs, floa
   auto kernel = hadamard_kernel<IO>;
   cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
              "hadamard_transform (shared memory size)");
-  kernel<<<dim3(unsigned(rows)), threads, smem, stream>>>(
-      static_cast<const typename IO::storage*>(x.data), static_cast<typename IO::storage*>(out.data), signs, scale,
-      inverse, log2_p, m, table_offset, words_per_row);
-  cuda_check_launch("hadamard_kernel");
+  launch_kernel("hadamard_kernel", kernel, dim3(unsigned(rows)), threads, smem, stream,
+                static_cast<const typename IO::storage*>(x.data), static_cast<typename IO::storage*>(out.data), signs,
+                scale, inverse, log2_p, m, table_offset, words_per_row);
 }
 
 }  // namespace

@@ -126,9 +126,11 @@ struct DecodeParams {
 
 template <typename IO, int BITS>
 __global__ void __launch_bounds__(kTile) decode_partial_kernel(const DecodeParams<IO> p) {
-  __shared__ float qf[kHeads][kKvMaxHeadDim];
-  __shared__ float sc[kHeads][kTile];
-  __shared__ float m_s[kHeads], l_s[kHeads], alpha_s[kHeads];
+  LOWBIT_SHARED(float, qf, [kHeads][kKvMaxHeadDim]);
+  LOWBIT_SHARED(float, sc, [kHeads][kTile]);
+  LOWBIT_SHARED(float, m_s, [kHeads]);
+  LOWBIT_SHARED(float, l_s, [kHeads]);
+  LOWBIT_SHARED(float, alpha_s, [kHeads]);
   constexpr uint32_t kMask = (1u << BITS) - 1u;
   const int tiles_per_kv = (p.n_rep + kHeads - 1) / kHeads;
   const int h = blockIdx.y / tiles_per_kv, r0 = (blockIdx.y % tiles_per_kv) * kHeads;
@@ -298,10 +300,9 @@ void launch_decode(const TensorView& q, const KvCache& c, const TensorView& out,
   p.q_scale = softmax_scale * kKvLog2e;
   if (B * p.Hq == 0) return;
   const dim3 grid(unsigned(p.S), unsigned(p.Hkv * ((p.n_rep + kHeads - 1) / kHeads)), unsigned(B));
-  decode_partial_kernel<IO, BITS><<<grid, kTile, 0, stream>>>(p);
-  cuda_check_launch("kv decode_partial_kernel");
-  decode_reduce_kernel<IO><<<unsigned(B * p.Hq), 128, 0, stream>>>(p.ws, out.ptr<typename IO::storage>(), p.D, p.S);
-  cuda_check_launch("kv decode_reduce_kernel");
+  launch_kernel("kv decode_partial_kernel", decode_partial_kernel<IO, BITS>, grid, kTile, 0, stream, p);
+  launch_kernel("kv decode_reduce_kernel", decode_reduce_kernel<IO>, unsigned(B * p.Hq), 128, 0, stream, p.ws,
+                out.ptr<typename IO::storage>(), p.D, p.S);
 }
 
 }  // namespace
@@ -314,10 +315,9 @@ void kv_quantize_keys_cuda(const TensorView& k, const TensorView& codes, const T
   if (groups == 0) return;
   by_dtype(k.dtype, "kv_quantize_keys", "k", [&](auto io) {
     using IO = decltype(io);
-    quantize_keys_kernel<IO><<<grid_for(groups * D), kThreads, 0, as_stream(stream)>>>(
-        k.ptr<typename IO::storage>(), codes.ptr<uint32_t>(), scale.ptr<uint16_t>(), zero.ptr<uint16_t>(), groups, D,
-        group, bits);
-    cuda_check_launch("kv quantize_keys_kernel");
+    launch_kernel("kv quantize_keys_kernel", quantize_keys_kernel<IO>, grid_for(groups * D), kThreads, 0,
+                  as_stream(stream), k.ptr<typename IO::storage>(), codes.ptr<uint32_t>(), scale.ptr<uint16_t>(),
+                  zero.ptr<uint16_t>(), groups, D, group, bits);
   });
 }
 
@@ -329,10 +329,9 @@ void kv_quantize_values_cuda(const TensorView& v, const TensorView& codes, const
   if (rows == 0) return;
   by_dtype(v.dtype, "kv_quantize_values", "v", [&](auto io) {
     using IO = decltype(io);
-    quantize_values_kernel<IO><<<grid_for(rows * kv_value_groups(D)), kThreads, 0, as_stream(stream)>>>(
-        v.ptr<typename IO::storage>(), codes.ptr<uint32_t>(), scale.ptr<uint16_t>(), zero.ptr<uint16_t>(), rows, D,
-        bits);
-    cuda_check_launch("kv quantize_values_kernel");
+    launch_kernel("kv quantize_values_kernel", quantize_values_kernel<IO>, grid_for(rows * kv_value_groups(D)),
+                  kThreads, 0, as_stream(stream), v.ptr<typename IO::storage>(), codes.ptr<uint32_t>(),
+                  scale.ptr<uint16_t>(), zero.ptr<uint16_t>(), rows, D, bits);
   });
 }
 
@@ -343,10 +342,9 @@ void kv_dequantize_keys_cuda(const TensorView& codes, const TensorView& scale, c
   if (n == 0) return;
   by_dtype(out.dtype, "kv_dequantize_keys", "out", [&](auto io) {
     using IO = decltype(io);
-    dequantize_keys_kernel<IO><<<grid_for(n), kThreads, 0, as_stream(stream)>>>(
-        codes.ptr<uint32_t>(), scale.ptr<uint16_t>(), zero.ptr<uint16_t>(), out.ptr<typename IO::storage>(), n,
-        out.size(2), int(out.size(3)), group, bits);
-    cuda_check_launch("kv dequantize_keys_kernel");
+    launch_kernel("kv dequantize_keys_kernel", dequantize_keys_kernel<IO>, grid_for(n), kThreads, 0,
+                  as_stream(stream), codes.ptr<uint32_t>(), scale.ptr<uint16_t>(), zero.ptr<uint16_t>(),
+                  out.ptr<typename IO::storage>(), n, out.size(2), int(out.size(3)), group, bits);
   });
 }
 
@@ -357,10 +355,9 @@ void kv_dequantize_values_cuda(const TensorView& codes, const TensorView& scale,
   if (n == 0) return;
   by_dtype(out.dtype, "kv_dequantize_values", "out", [&](auto io) {
     using IO = decltype(io);
-    dequantize_values_kernel<IO><<<grid_for(n), kThreads, 0, as_stream(stream)>>>(
-        codes.ptr<uint32_t>(), scale.ptr<uint16_t>(), zero.ptr<uint16_t>(), out.ptr<typename IO::storage>(), n,
-        int(out.size(3)), bits);
-    cuda_check_launch("kv dequantize_values_kernel");
+    launch_kernel("kv dequantize_values_kernel", dequantize_values_kernel<IO>, grid_for(n), kThreads, 0,
+                  as_stream(stream), codes.ptr<uint32_t>(), scale.ptr<uint16_t>(), zero.ptr<uint16_t>(),
+                  out.ptr<typename IO::storage>(), n, int(out.size(3)), bits);
   });
 }
 

@@ -125,7 +125,7 @@ template <int BITS, typename IO, typename Params>
 __global__ void __launch_bounds__(kThreads) decode_uniform_kernel(const uint32_t* __restrict__ words, Params params,
                                                                   typename IO::storage* __restrict__ out, int64_t k,
                                                                   int group_size, int64_t chunks) {
-  __shared__ float stage[kWarps * 32 * kStride];
+  LOWBIT_SHARED(float, stage, [kWarps * 32 * kStride]);
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t blocks = blocks_for(k);
@@ -145,9 +145,9 @@ __global__ void __launch_bounds__(kThreads) decode_mixed_kernel(const uint32_t* 
                                                                 const uint8_t* __restrict__ group_bits, Params params,
                                                                 typename IO::storage* __restrict__ out, int64_t k,
                                                                 int group_size, int64_t words_per_row, int64_t chunks) {
-  __shared__ float stage[kWarps * 32 * kStride];
-  __shared__ int offsets[kThreads];
-  __shared__ int warp_sums[kWarps];
+  LOWBIT_SHARED(float, stage, [kWarps * 32 * kStride]);
+  LOWBIT_SHARED(int, offsets, [kThreads]);
+  LOWBIT_SHARED(int, warp_sums, [kWarps]);
   const int64_t row = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int bpg = group_size / kCodesPerBlock;
@@ -198,8 +198,8 @@ __global__ void __launch_bounds__(kThreads) pack_mixed_kernel(const uint8_t* __r
                                                               const uint8_t* __restrict__ group_bits,
                                                               uint32_t* __restrict__ words, int64_t k, int group_size,
                                                               int64_t words_per_row, int64_t chunks) {
-  __shared__ int offsets[kThreads];
-  __shared__ int warp_sums[kWarps];
+  LOWBIT_SHARED(int, offsets, [kThreads]);
+  LOWBIT_SHARED(int, warp_sums, [kWarps]);
   const int64_t row = blockIdx.x / chunks, j0 = blockIdx.x % chunks * kThreads;
   const int bpg = group_size / kCodesPerBlock;
   const int64_t g0 = j0 / bpg, j = j0 + threadIdx.x;
@@ -235,9 +235,8 @@ void check_codes_fit(const char* op, const TensorView& codes, int bits, const ui
   StreamBuffer first(sizeof(unsigned long long), stream);
   cuda_check(cudaMemsetAsync(first.get<void>(), 0xff, sizeof(unsigned long long), stream), op);
   const int grid = int(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
-  find_bad_code_kernel<<<grid, kThreads, 0, stream>>>(codes.ptr<uint8_t>(), n, k, bits, d_group_bits, group_size,
-                                                      first.get<unsigned long long>());
-  cuda_check_launch("find_bad_code_kernel");
+  launch_kernel("find_bad_code_kernel", find_bad_code_kernel, grid, kThreads, 0, stream, codes.ptr<uint8_t>(), n, k,
+                bits, d_group_bits, group_size, first.get<unsigned long long>());
   unsigned long long index = 0;
   cuda_check(cudaMemcpyAsync(&index, first.get<void>(), sizeof(index), cudaMemcpyDeviceToHost, stream), op);
   cuda_check(cudaStreamSynchronize(stream), op);
@@ -257,21 +256,10 @@ void launch_uniform(const TensorView& packed, const TensorView& out, int bits, i
   const uint32_t* words = words_in(packed);
   auto* dst = out.ptr<typename IO::storage>();
   const int64_t k = out.size(1);
-  switch (bits) {
-    case 2:
-      decode_uniform_kernel<2, IO><<<unsigned(grid.grid), kThreads, 0, stream>>>(words, params, dst, k, group_size,
-                                                                                 grid.chunks);
-      break;
-    case 3:
-      decode_uniform_kernel<3, IO><<<unsigned(grid.grid), kThreads, 0, stream>>>(words, params, dst, k, group_size,
-                                                                                 grid.chunks);
-      break;
-    default:
-      decode_uniform_kernel<4, IO><<<unsigned(grid.grid), kThreads, 0, stream>>>(words, params, dst, k, group_size,
-                                                                                 grid.chunks);
-      break;
-  }
-  cuda_check_launch("decode_uniform_kernel");
+  auto kernel = bits == 2 ? decode_uniform_kernel<2, IO, Params>
+                : bits == 3 ? decode_uniform_kernel<3, IO, Params> : decode_uniform_kernel<4, IO, Params>;
+  launch_kernel("decode_uniform_kernel", kernel, unsigned(grid.grid), kThreads, 0, stream, words, params, dst, k,
+                group_size, grid.chunks);
 }
 
 template <typename IO, typename Params>
@@ -279,10 +267,9 @@ void launch_mixed(const TensorView& packed, const TensorView& group_bits, const 
                   Params params, cudaStream_t stream) {
   const RowGrid grid(out.size(0), out.size(1));
   if (grid.grid == 0) return;
-  decode_mixed_kernel<IO><<<unsigned(grid.grid), kThreads, 0, stream>>>(
-      words_in(packed), group_bits.ptr<uint8_t>(), params, out.ptr<typename IO::storage>(), out.size(1), group_size,
-      packed.size(1), grid.chunks);
-  cuda_check_launch("decode_mixed_kernel");
+  launch_kernel("decode_mixed_kernel", decode_mixed_kernel<IO, Params>, unsigned(grid.grid), kThreads, 0, stream,
+                words_in(packed), group_bits.ptr<uint8_t>(), params, out.ptr<typename IO::storage>(), out.size(1),
+                group_size, packed.size(1), grid.chunks);
 }
 
 template <typename Params>
@@ -310,9 +297,8 @@ void pack_uniform_cuda(const TensorView& codes, const TensorView& packed, int bi
   check_codes_fit("pack_uniform", codes, bits, nullptr, {}, 0, s);
   const RowGrid grid(codes.size(0), codes.size(1));
   if (grid.grid == 0) return;
-  pack_uniform_kernel<<<unsigned(grid.grid), kThreads, 0, s>>>(codes.ptr<uint8_t>(), static_cast<uint32_t*>(packed.data),
-                                                               codes.size(1), bits, grid.chunks);
-  cuda_check_launch("pack_uniform_kernel");
+  launch_kernel("pack_uniform_kernel", pack_uniform_kernel, unsigned(grid.grid), kThreads, 0, s, codes.ptr<uint8_t>(),
+                static_cast<uint32_t*>(packed.data), codes.size(1), bits, grid.chunks);
 }
 
 void unpack_cuda(const TensorView& packed, const TensorView& codes, int bits, int64_t stream) {
@@ -352,10 +338,8 @@ void pack_mixed_cuda(const TensorView& codes, const TensorView& group_bits, cons
   check_codes_fit(op, codes, 0, group_bits.ptr<uint8_t>(), host_bits, group_size, s);
   const RowGrid grid(codes.size(0), k);
   if (grid.grid == 0) return;
-  pack_mixed_kernel<<<unsigned(grid.grid), kThreads, 0, s>>>(codes.ptr<uint8_t>(), group_bits.ptr<uint8_t>(),
-                                                             static_cast<uint32_t*>(packed.data), k, group_size,
-                                                             words, grid.chunks);
-  cuda_check_launch("pack_mixed_kernel");
+  launch_kernel("pack_mixed_kernel", pack_mixed_kernel, unsigned(grid.grid), kThreads, 0, s, codes.ptr<uint8_t>(),
+                group_bits.ptr<uint8_t>(), static_cast<uint32_t*>(packed.data), k, group_size, words, grid.chunks);
 }
 
 void unpack_mixed_cuda(const TensorView& packed, const TensorView& group_bits, const TensorView& codes,

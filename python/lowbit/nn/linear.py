@@ -11,6 +11,7 @@ from torch import nn
 from lowbit.formats import TENSOR_NAMES, QuantizedWeight
 from lowbit.ops import (cpu_isa, interleave_lut_codes, prepare_async_dequant, prepare_lut_table, prepare_mixed_gemm,
                         randomized_hadamard_transform)
+from lowbit.ops._native import is_cuda
 from lowbit.ops.async_dequant import ASYNC_DEQUANT_BITS, async_dequant_gemm_unchecked
 from lowbit.ops.hadamard import check_hadamard_size, hadamard_unchecked
 from lowbit.ops.lut_gemm import lut_gemm_unchecked
@@ -211,7 +212,7 @@ def _grouped_gemm(packed: torch.Tensor, scales: torch.Tensor, zeros: Optional[to
     if table is None:
         table = torch.arange(2**bits, dtype=torch.float32, device=packed.device)
     codes = packed.contiguous()
-    if bits == 2 and codes.device.type == "cpu" and cpu_isa() in ("avx512", "amx"):
+    if bits == 2 and not is_cuda(codes) and cpu_isa() in ("avx512", "amx"):
         codes = interleave_lut_codes(codes)  # what the 2-bit AVX-512 GEMV reads without transposing
     return lut_gemm_unchecked, (codes, scales, zeros, table.contiguous(), bits, group_size)
 

@@ -1,13 +1,36 @@
-"""The bridge to the native module lowbit._C: DLPack capsules, CUDA streams, numpy in/out."""
+"""The bridge to the native module lowbit._C: DLPack capsules, CUDA streams, numpy in/out.
+
+The ops call the native functions through :data:`_C`, a namespace holding lowbit._C's functions; while the CUDA
+emulation of the tests is on (:mod:`lowbit.ops.cuda_emulation`) it holds the emulator's instead, and
+:func:`is_cuda` counts CPU tensors as CUDA ones, so that the ops take their CUDA branches.
+"""
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from lowbit import _C
+from lowbit import _C as _native_module
+
+#: The native functions the ops call (lowbit._C's, or the CUDA emulator's while it is on).
+_C = types.SimpleNamespace(**{name: getattr(_native_module, name) for name in dir(_native_module)
+                              if not name.startswith("__")})
+_emulating = False
+
+
+def is_cuda(t: torch.Tensor) -> bool:
+    """Whether the ops treat t as a CUDA tensor: a CUDA tensor, or any CPU tensor while CUDA is emulated."""
+    return t.device.type == "cuda" or (_emulating and t.device.type == "cpu")
+
+
+def cuda_sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the CUDA device (of the emulated device while CUDA is emulated)."""
+    if _emulating:
+        return int(_C.device_attributes()["multi_processor_count"])
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def capsule(t: Optional[torch.Tensor]):
@@ -73,5 +96,5 @@ def as_tensor(value, name: str) -> torch.Tensor:
     raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray, got {type(value).__name__}")
 
 
-__all__ = ["_C", "capsule", "stream_of", "with_numpy", "to_numpy", "as_tensor", "check_activations",
+__all__ = ["_C", "is_cuda", "cuda_sm_count", "capsule", "stream_of", "with_numpy", "to_numpy", "as_tensor", "check_activations",
            "eager_fast_path"]

@@ -29,7 +29,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
+from lowbit.ops._native import (_C, as_tensor, capsule, check_activations, eager_fast_path, is_cuda, stream_of,
+                                with_numpy)
 from lowbit.ops.dense_path import dense_from_codes, dense_matmul, use_dense_path
 from lowbit.ops.pack import unpack
 
@@ -143,7 +144,7 @@ def _async_dequant_gemm_impl(x: torch.Tensor, packed: torch.Tensor, scales: torc
         codes = codes_from_aligned(packed, x.shape[1], bits)
         return dense_matmul(x, dense_from_codes(codes, values, scales, zeros, group_size, x.dtype))
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
-    if x.device.type == "cpu":  # one native call: the activations are quantized inside it
+    if not is_cuda(x):  # one native call: the activations are quantized inside it
         _C.async_dequant_gemm_float(capsule(x), capsule(packed), capsule(scales), capsule(zeros), capsule(table_q),
                                     capsule(table_scale), capsule(out), bits, group_size)
         return out

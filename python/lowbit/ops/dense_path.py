@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from lowbit.ops._native import is_cuda
+
 #: Rows of x from which a CUDA GEMM takes the dense path (the CPU kernels' own large-M switch is also 64).
 #: Not yet tuned on a GPU.
 DENSE_PATH_MIN_ROWS = 64
@@ -26,7 +28,7 @@ _CHUNK_ELEMENTS = 1 << 24  # weights decoded per step: bounds the fp32 / int64 t
 
 def use_dense_path(x: torch.Tensor) -> bool:
     """Whether a GEMM with activations x [M, K] takes the dense path: CUDA and M >= DENSE_PATH_MIN_ROWS."""
-    return x.device.type == "cuda" and x.shape[0] >= DENSE_PATH_MIN_ROWS
+    return is_cuda(x) and x.shape[0] >= DENSE_PATH_MIN_ROWS
 
 
 def dense_from_codes(codes: torch.Tensor, values: Optional[torch.Tensor], scales: torch.Tensor,

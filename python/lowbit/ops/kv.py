@@ -22,7 +22,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, eager_fast_path, stream_of, to_numpy, with_numpy
+from lowbit.ops._native import (_C, as_tensor, capsule, cuda_sm_count, eager_fast_path, is_cuda, stream_of, to_numpy,
+                                with_numpy)
 
 Array = Union[torch.Tensor, np.ndarray]
 
@@ -194,9 +195,9 @@ def _attention_impl(q: torch.Tensor, k_codes: torch.Tensor, k_scale: torch.Tenso
                     group_size: int, softmax_scale: float) -> torch.Tensor:
     out = torch.empty_like(q)
     workspace = None
-    if q.device.type == "cuda":
+    if is_cuda(q):
         b, hq, d = q.shape
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        sms = cuda_sm_count(q.device)
         splits = _C.kv_decode_splits(b, k_codes.shape[1], hq, v_codes.shape[2] + k_res.shape[2], sms)
         workspace = torch.empty((b, hq, splits, d + 2), dtype=torch.float32, device=q.device)
     _C.kv_attention_decode(capsule(q), capsule(k_codes), capsule(k_scale), capsule(k_zero), capsule(v_codes),

@@ -20,7 +20,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
+from lowbit.ops._native import (_C, as_tensor, capsule, check_activations, eager_fast_path, is_cuda, stream_of,
+                                with_numpy)
 from lowbit.ops.dense_path import dense_from_codes, dense_matmul, use_dense_path
 from lowbit.ops.pack import _unpack_op
 
@@ -140,7 +141,7 @@ def lut_gemm(x: Array, packed: Array, scales: Array, table: Array, bits: int, gr
             n = s_t.shape[0]
             p = _check_param("packed", p, _CODE_DTYPES, [-(-n // LUT_INTERLEAVE_ROWS), words, LUT_INTERLEAVE_ROWS],
                              t.device)
-            if p.device.type != "cpu":
+            if is_cuda(p):
                 p = _canonical_codes(p, n)
         else:
             raise ValueError(f"packed must have 2 dimensions [N, ceil(K / 32) * bits] (or 3 when interleaved), "

@@ -17,7 +17,8 @@ from typing import NamedTuple, Sequence, Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
+from lowbit.ops._native import (_C, as_tensor, capsule, check_activations, eager_fast_path, is_cuda, stream_of,
+                                with_numpy)
 from lowbit.ops.async_dequant import (_check_group_size, _quantize_activations_impl, aligned_from_codes,
                                       aligned_words_per_row, check_group_params, codes_from_aligned)
 from lowbit.ops.dense_path import dense_from_codes, dense_matmul, use_dense_path
@@ -81,7 +82,7 @@ def _mixed_gemm_impl(x: torch.Tensor, packed: torch.Tensor, runs4: torch.Tensor,
         codes = codes_from_mixed_gemm(packed, runs4, runs2, x.shape[1])
         return dense_matmul(x, dense_from_codes(codes, None, scales, zeros, group_size, x.dtype))
     out = torch.empty(x.shape[0], packed.shape[0], dtype=x.dtype, device=x.device)
-    if x.device.type == "cpu":  # one native call: the activations are quantized inside it
+    if not is_cuda(x):  # one native call: the activations are quantized inside it
         _C.mixed_gemm_float(capsule(x), capsule(packed), capsule(runs4), capsule(runs2), capsule(scales),
                             capsule(zeros), capsule(out), group_size)
         return out

@@ -21,7 +21,8 @@ from typing import Union
 import numpy as np
 import torch
 
-from lowbit.ops._native import _C, as_tensor, capsule, check_activations, eager_fast_path, stream_of, with_numpy
+from lowbit.ops._native import (_C, as_tensor, capsule, check_activations, eager_fast_path, is_cuda, stream_of,
+                                with_numpy)
 from lowbit.ops.dense_path import dense_matmul, use_dense_path
 
 Array = Union[torch.Tensor, np.ndarray]
@@ -105,7 +106,7 @@ def _check_format(codes, codebooks, scales, device: torch.device, k: Union[int, 
     if c.dtype not in (torch.int16, torch.uint8):
         c = c.view(torch.int16)  # same bits: the kernels read unsigned 16-bit indices either way
     cb = cb.contiguous()
-    if cb.device.type == "cuda" and cb.data_ptr() % 16:
+    if is_cuda(cb) and cb.data_ptr() % 16:
         cb = cb.clone()  # the CUDA kernels load whole 16-byte codewords
     return c.contiguous(), cb, s.contiguous()
 
