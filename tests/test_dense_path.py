@@ -15,6 +15,8 @@ from lowbit.ops import dense_path
 from lowbit.ops.async_dequant import codes_from_aligned
 from lowbit.ops.mixed_gemm import codes_from_mixed_gemm
 
+from gpu_device import GPU, cpu_reference
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 UNIT = {torch.float32: 2.0**-23, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 GEMM_MODULES = ["lut_gemm", "async_dequant", "mixed_gemm", "vq_gemm"]
@@ -102,6 +104,7 @@ def test_cpu_never_takes_the_dense_path():
 
 
 # ---- each GEMM's dense path, forced on the CPU; the same cases run on CUDA below --------------------------------
+# (the inputs and references are computed on the host under cpu_reference(), the GEMM on `device`)
 
 def lut_case(m, k, n, bits, group_size, dtype, device="cpu"):
     gen = torch.Generator().manual_seed(m + k + bits)
@@ -109,7 +112,9 @@ def lut_case(m, k, n, bits, group_size, dtype, device="cpu"):
     table = torch.randn(2**bits, generator=gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     w = w_hat(table.double().numpy()[codes.long().numpy()], scales, zeros, group_size)
-    args = [t.to(device) for t in (pack_uniform(codes, bits), scales, table)]
+    with cpu_reference():
+        packed = pack_uniform(codes, bits)
+    args = [t.to(device) for t in (packed, scales, table)]
     y = lut_gemm(x.to(device), *args, bits, group_size, zeros=zeros.to(device))
     return y.cpu(), x, w
 
@@ -118,13 +123,14 @@ def async_case(m, k, n, bits, group_size, dtype, table, device="cpu"):
     gen = torch.Generator().manual_seed(m + k + bits)
     codes, scales, zeros = random_affine(n, k, bits, group_size, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
-    if table:
-        tq, ts = prepare_lut_table(torch.randn(2**bits, generator=gen), bits)
-        values = (tq[:2**bits].double() * ts.double()).numpy()[codes.long().numpy()]  # the rounded table's values
-        tab = (tq.to(device), ts.to(device))
-    else:
-        values, tab = codes.double().numpy(), None
-    packed = aligned_from_codes(codes, bits).to(device)
+    with cpu_reference():
+        if table:
+            tq, ts = prepare_lut_table(torch.randn(2**bits, generator=gen), bits)
+            values = (tq[:2**bits].double() * ts.double()).numpy()[codes.long().numpy()]  # the rounded table's values
+            tab = (tq.to(device), ts.to(device))
+        else:
+            values, tab = codes.double().numpy(), None
+        packed = aligned_from_codes(codes, bits).to(device)
     y = async_dequant_gemm(x.to(device), packed, scales.to(device), zeros.to(device), group_size, bits=bits,
                            table=tab)
     return y.cpu(), x, w_hat(values, scales, zeros, group_size)
@@ -138,12 +144,13 @@ def mixed_case(m, k, n, group_size, dtype, device="cpu"):
     codes = (torch.rand(n, k, generator=gen) * 2.0**cols).floor().clamp(max=(2**cols - 1).float()).to(torch.uint8)
     scales = (torch.rand(n, groups, generator=gen) * 0.02 + 0.001).half()
     zeros = (torch.rand(n, groups, generator=gen) * 3).half()
-    packed = pack_mixed(codes, widths, group_size)
-    weight = prepare_mixed_gemm(packed, widths, group_size, k)
+    with cpu_reference():
+        packed = pack_mixed(codes, widths, group_size)
+        weight = prepare_mixed_gemm(packed, widths, group_size, k)
+        w = dequantize_mixed(packed, scales, zeros, widths, group_size, k, torch.float32).double().numpy()
     weight = type(weight)(*(t.to(device) for t in weight))
     x = torch.randn(m, k, generator=gen).to(dtype)
     y = mixed_gemm(x.to(device), weight, scales.to(device), zeros.to(device), group_size)
-    w = dequantize_mixed(packed, scales, zeros, widths, group_size, k, torch.float32).double().numpy()
     return y.cpu(), x, w
 
 
@@ -154,7 +161,9 @@ def vq_case(m, k, n, r, e, dtype, device="cpu"):
     scales = (torch.rand(n, generator=gen) + 0.5).half()
     x = torch.randn(m, k, generator=gen).to(dtype)
     y = vq_gemm(x.to(device), codes.to(device), codebooks.to(device), scales.to(device))
-    return y.cpu(), x, vq_dequantize(codes, codebooks, scales, torch.float32).double().numpy()
+    with cpu_reference():
+        w = vq_dequantize(codes, codebooks, scales, torch.float32).double().numpy()
+    return y.cpu(), x, w
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -198,7 +207,7 @@ def test_below_the_threshold_the_fused_kernels_run(dense_on_cpu):
 @pytest.mark.parametrize("m", [64, 200])
 def test_cuda_lut_gemm_dense_path(m, dtype):
     for bits, k, group_size in ((2, 4096, 128), (3, 100, 32), (4, 1000, 64)):
-        assert_gemm_close(*lut_case(m, k, 257, bits, group_size, dtype, device="cuda"))
+        assert_gemm_close(*lut_case(m, k, 257, bits, group_size, dtype, device=GPU))
 
 
 @pytest.mark.gpu
@@ -207,18 +216,18 @@ def test_cuda_lut_gemm_dense_path(m, dtype):
 @pytest.mark.parametrize("m", [64, 200])
 def test_cuda_async_dequant_dense_path(m, dtype, table):
     for bits, k, group_size in ((2, 4096, 128), (4, 1000, 32), (2, 129, 128)):
-        assert_gemm_close(*async_case(m, k, 257, bits, group_size, dtype, table, device="cuda"))
+        assert_gemm_close(*async_case(m, k, 257, bits, group_size, dtype, table, device=GPU))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_mixed_gemm_dense_path(dtype):
     for k, group_size in ((576, 64), (4096, 128)):
-        assert_gemm_close(*mixed_case(100, k, 130, group_size, dtype, device="cuda"))
+        assert_gemm_close(*mixed_case(100, k, 130, group_size, dtype, device=GPU))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("r,e", [(1, 65536), (2, 256)])
 def test_cuda_vq_gemm_dense_path(r, e, dtype):
-    assert_gemm_close(*vq_case(128, 1024, 70, r, e, dtype, device="cuda"))
+    assert_gemm_close(*vq_case(128, 1024, 70, r, e, dtype, device=GPU))

@@ -14,6 +14,8 @@ from lowbit import _C
 from lowbit.ops import (KV_HEAD_DIMS, kv_dequantize_keys, kv_dequantize_values, kv_quantize_keys,
                         kv_quantize_values, quantized_attention_decode)
 
+from gpu_device import cpu_reference, on_gpu, sm_count, to_gpu
+
 F32 = np.float32
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # max |out - ref| over max(1, max |ref|) for attention over the same (dequantized) cache: fp32 arithmetic, then the
@@ -588,7 +590,7 @@ def test_binding_checks_buffers():
 
 
 def to_cuda(cache):
-    return dict(cache, args=tuple(a.cuda() for a in cache["args"]))
+    return dict(cache, args=tuple(to_gpu(a) for a in cache["args"]))
 
 
 @pytest.mark.gpu
@@ -599,15 +601,18 @@ def to_cuda(cache):
 def test_cuda_quantize_dequantize_match_cpu(d, group, bits, dtype):
     k = key_data((2, 3, 3 * group, d), dtype, seed=d)
     v = value_data((2, 3, 3 * group + 5, d), dtype, seed=d)
-    for cpu, gpu in zip(kv_quantize_keys(k, bits, group), kv_quantize_keys(k.cuda(), bits, group)):
-        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
-    for cpu, gpu in zip(kv_quantize_values(v, bits), kv_quantize_values(v.cuda(), bits)):
-        assert gpu.is_cuda and torch.equal(gpu.cpu(), cpu)
-    kq, vq = kv_quantize_keys(k, bits, group), kv_quantize_values(v, bits)
-    out = kv_dequantize_keys(*(t.cuda() for t in kq), bits, group, dtype=dtype)
-    assert torch.equal(out.cpu(), kv_dequantize_keys(*kq, bits, group, dtype=dtype))
-    out = kv_dequantize_values(*(t.cuda() for t in vq), bits, head_dim=d, dtype=dtype)
-    assert torch.equal(out.cpu(), kv_dequantize_values(*vq, bits, head_dim=d, dtype=dtype))
+    with cpu_reference():
+        kq, vq = kv_quantize_keys(k, bits, group), kv_quantize_values(v, bits)
+        k_cpu = kv_dequantize_keys(*kq, bits, group, dtype=dtype)
+        v_cpu = kv_dequantize_values(*vq, bits, head_dim=d, dtype=dtype)
+    for cpu, gpu in zip(kq, kv_quantize_keys(to_gpu(k), bits, group)):
+        assert on_gpu(gpu) and torch.equal(gpu.cpu(), cpu)
+    for cpu, gpu in zip(vq, kv_quantize_values(to_gpu(v), bits)):
+        assert on_gpu(gpu) and torch.equal(gpu.cpu(), cpu)
+    out = kv_dequantize_keys(*(to_gpu(t) for t in kq), bits, group, dtype=dtype)
+    assert torch.equal(out.cpu(), k_cpu)
+    out = kv_dequantize_values(*(to_gpu(t) for t in vq), bits, head_dim=d, dtype=dtype)
+    assert torch.equal(out.cpu(), v_cpu)
 
 
 @pytest.mark.gpu
@@ -617,13 +622,15 @@ def test_cuda_quantize_dequantize_match_cpu(d, group, bits, dtype):
 def test_cuda_attention_matches_cpu(d, bits, dtype):
     for group, rep in ((32, 1), (64, 4), (128, 12)):  # 12 query heads per kv head: two CUDA head tiles
         lengths_q = [x - x % group for x in RAGGED_Q]
-        cache = make_cache(5, 2, 256, 40, d, bits, group, dtype, lengths_q, RAGGED_RES, seed=d + rep)
         q = randn(5, 2 * rep, d, seed=rep, dtype=dtype)
-        gpu = decode(q.cuda(), to_cuda(cache), bits, group)
-        assert gpu.is_cuda
+        with cpu_reference():
+            cache = make_cache(5, 2, 256, 40, d, bits, group, dtype, lengths_q, RAGGED_RES, seed=d + rep)
+            cpu = decode(q, cache, bits, group)
+        gpu = decode(to_gpu(q), to_cuda(cache), bits, group)
+        assert on_gpu(gpu)
         ref = reference(q, cache, bits, group)
         assert_attention_close(gpu.cpu(), ref, dtype)
-        assert_attention_close(decode(q, cache, bits, group), gpu.cpu().double().numpy(), dtype)
+        assert_attention_close(cpu, gpu.cpu().double().numpy(), dtype)
         assert torch.equal(gpu[3].cpu(), torch.zeros(2 * rep, d, dtype=dtype))
 
 
@@ -632,38 +639,44 @@ def test_cuda_attention_matches_cpu(d, bits, dtype):
 @pytest.mark.parametrize("b, h_kv, rep", [(1, 1, 8), (2, 8, 4)])
 def test_cuda_attention_long_context_split_k(b, h_kv, rep, bits):
     """16k cache tokens: the CUDA decode splits the sequence over blocks and merges the splits by log-sum-exp."""
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    assert _C.kv_decode_splits(b, h_kv, h_kv * rep, 16384 + 128, sms) > 1
-    cache = make_cache(b, h_kv, 16384, 128, 128, bits, 128, torch.float16, lengths_q=[16384, 8192][:b],
-                       lengths_res=[128, 71][:b], seed=17)
+    from lowbit.ops._native import _C  # the module the ops call (the emulated kernels' under emulation)
+    assert _C.kv_decode_splits(b, h_kv, h_kv * rep, 16384 + 128, sm_count()) > 1
     q = randn(b, h_kv * rep, 128, seed=b, dtype=torch.float16)
-    gpu = decode(q.cuda(), to_cuda(cache), bits, 128).cpu()
+    with cpu_reference():
+        cache = make_cache(b, h_kv, 16384, 128, 128, bits, 128, torch.float16, lengths_q=[16384, 8192][:b],
+                           lengths_res=[128, 71][:b], seed=17)
+        cpu = decode(q, cache, bits, 128)
+    gpu = decode(to_gpu(q), to_cuda(cache), bits, 128).cpu()
     assert_attention_close(gpu, reference(q, cache, bits, 128), torch.float16)
-    assert_attention_close(gpu, decode(q, cache, bits, 128).double().numpy(), torch.float16)
+    assert_attention_close(gpu, cpu.double().numpy(), torch.float16)
 
 
 @pytest.mark.gpu
 def test_cuda_attention_large_scores_are_stable():
-    cache = make_cache(2, 2, 4096, 33, 64, 4, 32, torch.bfloat16, lengths_q=[4096, 0], lengths_res=[33, 33], seed=9)
+    with cpu_reference():
+        cache = make_cache(2, 2, 4096, 33, 64, 4, 32, torch.bfloat16, lengths_q=[4096, 0], lengths_res=[33, 33],
+                           seed=9)
     q = randn(2, 4, 64, seed=9, scale=100.0, dtype=torch.bfloat16)
-    gpu = decode(q.cuda(), to_cuda(cache), 4, 32).cpu()
+    gpu = decode(to_gpu(q), to_cuda(cache), 4, 32).cpu()
     assert_attention_close(gpu, reference(q, cache, 4, 32), torch.bfloat16)
 
 
 @pytest.mark.gpu
 def test_cuda_attention_zero_capacity_gives_zeros():
-    cache = make_cache(2, 1, 0, 0, 128, 4, 64, torch.float16)
-    out = decode(randn(2, 4, 128, dtype=torch.float16).cuda(), to_cuda(cache), 4, 64)
-    assert out.is_cuda and torch.equal(out.cpu(), torch.zeros(2, 4, 128, dtype=torch.float16))
+    with cpu_reference():
+        cache = make_cache(2, 1, 0, 0, 128, 4, 64, torch.float16)
+    out = decode(to_gpu(randn(2, 4, 128, dtype=torch.float16)), to_cuda(cache), 4, 64)
+    assert on_gpu(out) and torch.equal(out.cpu(), torch.zeros(2, 4, 128, dtype=torch.float16))
 
 
 @pytest.mark.gpu
 def test_cuda_attention_clamps_out_of_range_lengths():
     """Device lengths are not read back: out-of-range ones are clamped to the capacity (documented)."""
-    cache = make_cache(3, 2, 128, 16, 64, 2, 32, lengths_q=[128, 0, 64], lengths_res=[16, 0, 5], seed=4)
+    with cpu_reference():
+        cache = make_cache(3, 2, 128, 16, 64, 2, 32, lengths_q=[128, 0, 64], lengths_res=[16, 0, 5], seed=4)
     kc, ks, kz, vc, vs, vz, k_res, v_res, _, _ = to_cuda(cache)["args"]
     q = randn(3, 4, 64, seed=4)
-    bad_q, bad_res = torch.tensor([1000, -5, 64]).cuda(), torch.tensor([99, -1, 5]).cuda()
-    gpu = quantized_attention_decode(q.cuda(), kc, ks, kz, vc, vs, vz, k_res, v_res, bad_q, bad_res, 2, 32).cpu()
+    bad_q, bad_res = to_gpu(torch.tensor([1000, -5, 64])), to_gpu(torch.tensor([99, -1, 5]))
+    gpu = quantized_attention_decode(to_gpu(q), kc, ks, kz, vc, vs, vz, k_res, v_res, bad_q, bad_res, 2, 32).cpu()
     assert torch.equal(gpu[1], torch.zeros(4, 64))
     assert_attention_close(gpu, reference(q, cache, 2, 32))

@@ -20,6 +20,7 @@ from lowbit import _C
 from isa_paths import SUPPORTED_ISAS, forced_isa
 from lowbit.ops import cpu_isa, dequantize_lut, dequantize_uniform, lut_gemm, nf_table, pack_uniform, unpack
 from lowbit.ops._native import capsule
+from gpu_device import EMULATED, cpu_reference, gpu_stream, on_gpu, to_gpu
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 OUT_ROUNDING = {torch.float32: 0.0, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -397,8 +398,8 @@ def test_custom_op_registration():
 
 
 def _to_cuda(w: Weight) -> dict:
-    return dict(packed=w.packed.cuda(), scales=w.scales.cuda(), table=w.table.cuda(), bits=w.bits,
-                group_size=w.group_size, zeros=None if w.zeros is None else w.zeros.cuda())
+    return dict(packed=to_gpu(w.packed), scales=to_gpu(w.scales), table=to_gpu(w.table), bits=w.bits,
+                group_size=w.group_size, zeros=to_gpu(w.zeros))
 
 
 @pytest.mark.gpu
@@ -407,11 +408,13 @@ def _to_cuda(w: Weight) -> dict:
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("m", [1, 4, 16, 63])  # from 64 rows on CUDA takes the dense path (test_dense_path)
 def test_cuda_matches_cpu(m, bits, dtype, k, table, zeros):
-    w = make_weight(129, k, bits, 128 if k == 4096 else 64, table, zeros)
     x = make_x((m, k), dtype)
-    y_cuda = lut_gemm(x.cuda(), **_to_cuda(w))
-    assert y_cuda.is_cuda
-    y_cuda, y_cpu = y_cuda.cpu(), run(x, w)
+    with cpu_reference():
+        w = make_weight(129, k, bits, 128 if k == 4096 else 64, table, zeros)
+        y_cpu = run(x, w)
+    y_cuda = lut_gemm(to_gpu(x), **_to_cuda(w))
+    assert on_gpu(y_cuda)
+    y_cuda = y_cuda.cpu()
     assert_matches(y_cuda, x, w.dense())
     assert_matches(y_cpu, x, w.dense())
     _, bound = error_and_bound(y_cpu, x, w.dense())
@@ -420,26 +423,25 @@ def test_cuda_matches_cpu(m, bits, dtype, k, table, zeros):
 
 @pytest.mark.gpu
 def test_cuda_batch_dims_and_stream():
-    w = make_weight(33, 1000, 3, 32)
-    x = make_x((2, 5, 1000)).cuda()
+    with cpu_reference():
+        w = make_weight(33, 1000, 3, 32)
+    x = to_gpu(make_x((2, 5, 1000)))
     args = _to_cuda(w)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with gpu_stream():
         y = lut_gemm(x, **args)
-    stream.synchronize()
     assert y.shape == (2, 5, 33)
     assert_matches(y.cpu(), x.cpu(), w.dense())
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(EMULATED, reason="a CPU tensor among CUDA ones: under emulation both are CPU tensors")
 @pytest.mark.parametrize("on_cpu", ["packed", "scales", "zeros", "table"])
 def test_cuda_device_mismatch(on_cpu):
     w = make_weight(7, 100, 3, 64)
     args = _to_cuda(w)
     args[on_cpu] = getattr(w, on_cpu)
     with pytest.raises(ValueError, match=f"{on_cpu} must be on the device of x"):
-        lut_gemm(make_x((3, 100)).cuda(), **args)
+        lut_gemm(to_gpu(make_x((3, 100))), **args)
 
 
 def test_info_reports_the_active_path(capsys):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lowbit.ops import LUT_INTERLEAVE_ROWS, interleave_lut_codes, lut_gemm, pack_uniform
+from gpu_device import cpu_reference, to_gpu
 from test_lut_gemm import DTYPES, LARGE_M, assert_matches, make_weight, make_x, run
 
 
@@ -70,10 +71,12 @@ def test_bad_input():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 4, LARGE_M])
 def test_cuda(m):
-    w = make_weight(70, 1000, 2, 64)
+    with cpu_reference():
+        w = make_weight(70, 1000, 2, 64)
+        interleaved = interleave_lut_codes(w.packed)
     x = make_x((m, 1000), torch.float16)
-    y = lut_gemm(x.cuda(), interleave_lut_codes(w.packed).cuda(), w.scales.cuda(), w.table.cuda(), 2, 64,
-                 zeros=w.zeros.cuda())
-    y_canonical = lut_gemm(x.cuda(), w.packed.cuda(), w.scales.cuda(), w.table.cuda(), 2, 64, zeros=w.zeros.cuda())
+    y = lut_gemm(to_gpu(x), to_gpu(interleaved), to_gpu(w.scales), to_gpu(w.table), 2, 64, zeros=to_gpu(w.zeros))
+    y_canonical = lut_gemm(to_gpu(x), to_gpu(w.packed), to_gpu(w.scales), to_gpu(w.table), 2, 64,
+                           zeros=to_gpu(w.zeros))
     assert torch.equal(y.cpu(), y_canonical.cpu())
     assert_matches(y.cpu(), x, w.dense())

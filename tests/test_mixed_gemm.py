@@ -14,6 +14,7 @@ import lowbit
 from isa_paths import SUPPORTED_ISAS, forced_isa
 from lowbit.ops import (MixedGemmWeight, aligned_from_codes, async_dequant_gemm, dequantize_mixed, mixed_gemm,
                         pack_mixed, prepare_mixed_gemm)
+from gpu_device import assert_matches_cpu, cpu_reference, to_gpu
 from test_async_dequant import DTYPES, reference_activations  # noqa: E402
 
 
@@ -204,15 +205,17 @@ def test_torch_compile_fullgraph():
 @pytest.mark.parametrize("m", [1, 3, 4, 5, 16])
 @pytest.mark.parametrize("k,n,group_size", [(576, 64, 64), (4096, 1000, 128), (1000, 33, 32)])
 def test_cuda_matches_cpu(m, k, n, group_size, dtype):
-    x, weight, scales, zeros, y = check(m, k, n, group_size, dtype, seed=m + k)
-    y_gpu = mixed_gemm(x.cuda(), MixedGemmWeight(*(t.cuda() for t in weight)), scales.cuda(), zeros.cuda(),
+    with cpu_reference():
+        x, weight, scales, zeros, y = check(m, k, n, group_size, dtype, seed=m + k)
+    y_gpu = mixed_gemm(to_gpu(x), MixedGemmWeight(*(to_gpu(t) for t in weight)), to_gpu(scales), to_gpu(zeros),
                        group_size)
-    torch.testing.assert_close(y_gpu.cpu().float(), y.float(), rtol=1e-3, atol=1e-3 * y.float().abs().max().item())
+    assert_matches_cpu(y_gpu, y)
 
 
 @pytest.mark.gpu
 def test_cuda_prepare_matches_cpu():
-    packed, _, _, _, widths = random_mixed(7, 1000, 64, torch.Generator().manual_seed(0))
-    cpu = prepare_mixed_gemm(packed, widths, 64, 1000)
-    for a, b in zip(prepare_mixed_gemm(packed.cuda(), widths, 64, 1000), cpu):
+    with cpu_reference():
+        packed, _, _, _, widths = random_mixed(7, 1000, 64, torch.Generator().manual_seed(0))
+        cpu = prepare_mixed_gemm(packed, widths, 64, 1000)
+    for a, b in zip(prepare_mixed_gemm(to_gpu(packed), widths, 64, 1000), cpu):
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)

@@ -17,6 +17,8 @@ from lowbit import _C
 from lowbit.ops import (dequantize_lut, dequantize_mixed, dequantize_uniform, mixed_words_per_row, nf_table,
                         pack_mixed, pack_uniform, unpack, unpack_mixed, words_per_row)
 
+from gpu_device import EMULATED, GPU, cpu_reference, current_stream_handle, gpu_stream, on_gpu, to_gpu
+
 KS = [1, 31, 32, 33, 100, 129, 576]
 NS = [1, 3, 17]
 BITS = [2, 3, 4]
@@ -814,15 +816,17 @@ CUDA_KS = [1, 31, 33, 100, 129, 576, 256 * 32 + 33, 40000]  # the last two span 
 @pytest.mark.parametrize("bits", BITS)
 def test_cuda_pack_unpack(bits, k):
     q = random_codes(rng_for("cuda pack", bits, k), 5, k, bits)
-    packed = pack_uniform(t(q).cuda(), bits)
-    assert packed.is_cuda and packed.dtype == torch.int32
-    assert torch.equal(packed.cpu(), pack_uniform(t(q), bits))
+    packed = pack_uniform(to_gpu(t(q)), bits)
+    assert on_gpu(packed) and packed.dtype == torch.int32
+    with cpu_reference():
+        packed_cpu = pack_uniform(t(q), bits)
+    assert torch.equal(packed.cpu(), packed_cpu)
     np.testing.assert_array_equal(words_u32(packed.cpu()), ref_pack(q, bits))
     words = random_words(rng_for("cuda words", bits, k), 5, words_per_row(k, bits))
-    words_i32 = t(words.view(np.int32)).cuda()  # copied as int32 (CUDA copies of uint32 need not be supported)
+    words_i32 = to_gpu(t(words.view(np.int32)))  # copied as int32 (CUDA copies of uint32 need not be supported)
     for w in (words_i32, words_i32.view(torch.uint32)):
         codes = unpack(w, bits, k)
-        assert codes.is_cuda
+        assert on_gpu(codes)
         np.testing.assert_array_equal(codes.cpu().numpy(), ref_unpack(words, bits, k))
 
 
@@ -839,13 +843,16 @@ def test_cuda_dequantize(bits, group_size, k):
     affine, lut = ref_affine(q, scales, zeros, group_size), ref_lut(q, scales, table, group_size)
     for dtype in DTYPES:
         args = (bits, group_size, k, dtype)
-        gpu = dequantize_uniform(packed.cuda(), t(scales).cuda(), t(zeros).cuda(), *args)
-        assert gpu.is_cuda
+        with cpu_reference():
+            uniform_cpu = dequantize_uniform(packed, t(scales), t(zeros), *args)
+            lut_cpu = dequantize_lut(packed, t(scales), t(table), *args)
+        gpu = dequantize_uniform(to_gpu(packed), to_gpu(t(scales)), to_gpu(t(zeros)), *args)
+        assert on_gpu(gpu)
         assert_dequantized(gpu.cpu(), *affine, dtype)
-        torch.testing.assert_close(gpu.cpu(), dequantize_uniform(packed, t(scales), t(zeros), *args))
-        gpu = dequantize_lut(packed.cuda(), t(scales).cuda(), t(table).cuda(), *args)
+        torch.testing.assert_close(gpu.cpu(), uniform_cpu)
+        gpu = dequantize_lut(to_gpu(packed), to_gpu(t(scales)), to_gpu(t(table)), *args)
         assert_dequantized(gpu.cpu(), *lut, dtype)
-        torch.testing.assert_close(gpu.cpu(), dequantize_lut(packed, t(scales), t(table), *args))
+        torch.testing.assert_close(gpu.cpu(), lut_cpu)
 
 
 @pytest.mark.gpu
@@ -856,16 +863,17 @@ def test_cuda_mixed(group_size, k):
     gb = list(rng.choice([2, 4], math.ceil(k / group_size)))
     q = random_mixed_codes(rng, 3, k, gb, group_size)
     scales, zeros = random_params(rng, 3, len(gb), 4)
-    gb_cuda = torch.tensor(gb, dtype=torch.uint8).cuda()
+    gb_cuda = to_gpu(torch.tensor(gb, dtype=torch.uint8))
     for bits_arg in (gb, gb_cuda):
-        packed = pack_mixed(t(q).cuda(), bits_arg, group_size)
-        assert packed.is_cuda
+        packed = pack_mixed(to_gpu(t(q)), bits_arg, group_size)
+        assert on_gpu(packed)
         np.testing.assert_array_equal(words_u32(packed.cpu()), ref_pack_mixed(q, gb, group_size))
         np.testing.assert_array_equal(unpack_mixed(packed, bits_arg, group_size, k).cpu().numpy(), q)
     for dtype in DTYPES:
-        gpu = dequantize_mixed(packed, t(scales).cuda(), t(zeros).cuda(), gb_cuda, group_size, k, dtype)
+        gpu = dequantize_mixed(packed, to_gpu(t(scales)), to_gpu(t(zeros)), gb_cuda, group_size, k, dtype)
         assert_dequantized(gpu.cpu(), *ref_affine(q, scales, zeros, group_size), dtype)
-        cpu = dequantize_mixed(packed.cpu(), t(scales), t(zeros), gb, group_size, k, dtype)
+        with cpu_reference():
+            cpu = dequantize_mixed(packed.cpu(), t(scales), t(zeros), gb, group_size, k, dtype)
         torch.testing.assert_close(gpu.cpu(), cpu)
 
 
@@ -877,68 +885,89 @@ def test_cuda_bad_code_names_first(bits):
     q[7, 2999] = 1 << bits
     q[7, 3000 - 32] = 255
     with pytest.raises(ValueError, match=rf"pack_uniform: codes\[7, 2968\] = 255 does not fit in {bits} bits"):
-        pack_uniform(q.cuda(), bits)
+        pack_uniform(to_gpu(q), bits)
     gb = [4, 2] * 47  # ceil(3000 / 32) = 94 groups
     q.zero_()
     q[9, 33] = 4  # group 1 is 2 bits wide
     q[9, 64] = 15
     with pytest.raises(ValueError, match=r"pack_mixed: codes\[9, 33\] = 4 does not fit in 2 bits \(group 1\)"):
-        pack_mixed(q.cuda(), torch.tensor(gb, dtype=torch.uint8).cuda(), 32)
+        pack_mixed(to_gpu(q), to_gpu(torch.tensor(gb, dtype=torch.uint8)), 32)
 
 
 @pytest.mark.gpu
 def test_cuda_native_checks():
     """On CUDA the binding cannot read group_bits: pack_mixed copies and checks them, the decoders write the
     documented markers (code 255, NaN) for a group whose width is not 2 or 4, and packed's width is range-checked."""
-    q = torch.zeros(2, 64, dtype=torch.uint8, device="cuda")
-    bad = torch.tensor([2, 3], dtype=torch.uint8, device="cuda")
-    packed = torch.zeros(2, 6, dtype=torch.int32, device="cuda")
+    from lowbit.ops._native import _C  # the module the ops call (the emulated kernels' under emulation)
+    q = torch.zeros(2, 64, dtype=torch.uint8, device=GPU)
+    bad = torch.tensor([2, 3], dtype=torch.uint8, device=GPU)
+    packed = torch.zeros(2, 6, dtype=torch.int32, device=GPU)
     with pytest.raises(ValueError, match=r"pack_mixed: group_bits must contain only 2 and 4, got group_bits\[1\] = 3"):
-        _C.pack_mixed(to_dlpack(q), to_dlpack(bad), to_dlpack(packed), 32, torch.cuda.current_stream().cuda_stream)
-    codes = torch.zeros(2, 64, dtype=torch.uint8, device="cuda")
-    _C.unpack_mixed(to_dlpack(packed), to_dlpack(bad), to_dlpack(codes), 32, torch.cuda.current_stream().cuda_stream)
+        _C.pack_mixed(to_dlpack(q), to_dlpack(bad), to_dlpack(packed), 32, current_stream_handle())
+    codes = torch.zeros(2, 64, dtype=torch.uint8, device=GPU)
+    _C.unpack_mixed(to_dlpack(packed), to_dlpack(bad), to_dlpack(codes), 32, current_stream_handle())
     assert bool((codes[:, :32] == 0).all()) and bool((codes[:, 32:] == 255).all())
-    s = torch.ones(2, 2, dtype=torch.float16, device="cuda")
-    out = torch.zeros(2, 64, device="cuda")
+    s = torch.ones(2, 2, dtype=torch.float16, device=GPU)
+    out = torch.zeros(2, 64, device=GPU)
     _C.dequantize_mixed(to_dlpack(packed), to_dlpack(s), to_dlpack(s * 0), to_dlpack(bad), to_dlpack(out), 32,
-                        torch.cuda.current_stream().cuda_stream)
+                        current_stream_handle())
     assert bool((out[:, :32] == 0).all()) and bool(out[:, 32:].isnan().all())
     with pytest.raises(ValueError, match=r"unpack_mixed: packed must have shape \[2, W\] with W the mixed words per "
                                          r"row \(between 4 and 8\), got \[2, 9\]"):
-        _C.unpack_mixed(to_dlpack(torch.zeros(2, 9, dtype=torch.int32, device="cuda")),
-                        to_dlpack(torch.tensor([2, 2], dtype=torch.uint8, device="cuda")), to_dlpack(codes), 32, 0)
+        _C.unpack_mixed(to_dlpack(torch.zeros(2, 9, dtype=torch.int32, device=GPU)),
+                        to_dlpack(torch.tensor([2, 2], dtype=torch.uint8, device=GPU)), to_dlpack(codes), 32, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(EMULATED, reason="a CPU tensor among CUDA ones: under emulation both are CPU tensors")
+def test_cuda_native_device_check():
+    """The binding rejects buffers on different devices (split from test_cuda_native_checks)."""
+    from lowbit.ops._native import _C
+    codes = torch.zeros(2, 64, dtype=torch.uint8, device=GPU)
     with pytest.raises(ValueError, match=r"unpack: packed and codes must be on the same device, got cpu and cuda:0"):
         _C.unpack(to_dlpack(torch.zeros(2, 4, dtype=torch.int32)), to_dlpack(codes), 2, 0)
 
 
 @pytest.mark.gpu
 def test_cuda_empty_rows():
-    packed = pack_uniform(torch.zeros(0, 100, dtype=torch.uint8, device="cuda"), 3)
-    assert packed.is_cuda and tuple(packed.shape) == (0, 12)
+    packed = pack_uniform(torch.zeros(0, 100, dtype=torch.uint8, device=GPU), 3)
+    assert on_gpu(packed) and tuple(packed.shape) == (0, 12)
     assert tuple(unpack(packed, 3, 100).shape) == (0, 100)
-    s = torch.zeros(0, 2, dtype=torch.float16, device="cuda")
+    s = torch.zeros(0, 2, dtype=torch.float16, device=GPU)
     assert tuple(dequantize_uniform(packed, s, s, 3, 64, 100).shape) == (0, 100)
-    assert tuple(dequantize_lut(packed, s, nf_table(3).cuda(), 3, 64, 100).shape) == (0, 100)
-    mixed = pack_mixed(torch.zeros(0, 100, dtype=torch.uint8, device="cuda"), [2, 4], 64)
+    with cpu_reference():
+        table = nf_table(3)
+    assert tuple(dequantize_lut(packed, s, to_gpu(table), 3, 64, 100).shape) == (0, 100)
+    mixed = pack_mixed(torch.zeros(0, 100, dtype=torch.uint8, device=GPU), [2, 4], 64)
     assert tuple(mixed.shape) == (0, 12)
     assert tuple(unpack_mixed(mixed, [2, 4], 64, 100).shape) == (0, 100)
     assert tuple(dequantize_mixed(mixed, s, s, [2, 4], 64, 100).shape) == (0, 100)
 
 
-@pytest.mark.gpu
-def test_cuda_side_stream_and_device_checks():
+def _side_stream_case():
     rng = rng_for("cuda stream")
     q = random_codes(rng, 64, 4096, 3)
     scales, zeros = random_params(rng, 64, 32, 3)
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        packed = pack_uniform(t(q).cuda(), 3)
-        out = dequantize_uniform(packed, t(scales).cuda(), t(zeros).cuda(), 3, 128, 4096, torch.float32)
+    with gpu_stream():
+        packed = pack_uniform(to_gpu(t(q)), 3)
+        out = dequantize_uniform(packed, to_gpu(t(scales)), to_gpu(t(zeros)), 3, 128, 4096, torch.float32)
         codes = unpack(packed, 3, 4096)
-    stream.synchronize()
+    return q, scales, zeros, packed, out, codes
+
+
+@pytest.mark.gpu
+def test_cuda_side_stream():
+    q, scales, zeros, _, out, codes = _side_stream_case()
     np.testing.assert_array_equal(codes.cpu().numpy(), q)
     assert_dequantized(out.cpu(), *ref_affine(q, scales, zeros, 128), torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(EMULATED, reason="a CPU tensor among CUDA ones: under emulation both are CPU tensors")
+def test_cuda_device_checks():
+    """Split from the side-stream test: parameters on the CPU next to CUDA codes."""
+    _, scales, zeros, packed, _, _ = _side_stream_case()
     with pytest.raises(ValueError, match=r"scales must be on the device of packed \(cuda:0\), got cpu"):
-        dequantize_uniform(packed, t(scales), t(zeros).cuda(), 3, 128, 4096)
+        dequantize_uniform(packed, t(scales), to_gpu(t(zeros)), 3, 128, 4096)
     with pytest.raises(ValueError, match=r"table must be on the device of packed \(cuda:0\), got cpu"):
-        dequantize_lut(packed, t(scales).cuda(), nf_table(3), 3, 128, 4096)
+        dequantize_lut(packed, to_gpu(t(scales)), nf_table(3), 3, 128, 4096)

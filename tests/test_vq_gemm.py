@@ -15,6 +15,7 @@ from lowbit.ops import (VQ_CODEBOOKS, VQ_MAX_ENTRIES, VQ_MIN_ENTRIES, VQ_STRATEG
                         vq_gemm_cpu_strategy)
 
 from fake_dlpack import FakeCudaTensor, _DType
+from gpu_device import EMULATED, GPU, cpu_reference, on_gpu, to_gpu
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}  # unit roundoff of the output
@@ -423,10 +424,11 @@ def test_cuda_matches_cpu(r, e, m, dtype):
     codes, cb, s = make_weight(n, k, r, e, seed=e + m)
     x = make_x((m, k), dtype)
     w = reference_weight(codes, cb, s)
-    gpu = vq_gemm(x.cuda(), codes.cuda(), cb.cuda(), s.cuda())
-    assert gpu.device.type == "cuda" and gpu.dtype == dtype
+    gpu = vq_gemm(to_gpu(x), to_gpu(codes), to_gpu(cb), to_gpu(s))
+    assert on_gpu(gpu) and gpu.dtype == dtype
     assert_gemm_close(gpu.cpu(), x, w)
-    cpu = vq_gemm(x, codes, cb, s, strategy="decode")
+    with cpu_reference():
+        cpu = vq_gemm(x, codes, cb, s, strategy="decode")
     assert (gpu.cpu().double() - cpu.double()).abs().max() <= 2 * gemm_tolerance(x, w, dtype)
 
 
@@ -439,11 +441,12 @@ def test_cuda_byte_codes_match_cpu(r, m, dtype):
     codes, cb, s = make_weight(300, 264, r, 256, seed=m)
     codes8 = codes.to(torch.uint8)
     x = make_x((m, 264), dtype)
-    gpu = vq_gemm(x.cuda(), codes8.cuda(), cb.cuda(), s.cuda())
-    assert torch.equal(gpu, vq_gemm(x.cuda(), codes.cuda(), cb.cuda(), s.cuda()))
+    gpu = vq_gemm(to_gpu(x), to_gpu(codes8), to_gpu(cb), to_gpu(s))
+    assert torch.equal(gpu, vq_gemm(to_gpu(x), to_gpu(codes), to_gpu(cb), to_gpu(s)))
     assert_gemm_close(gpu.cpu(), x, reference_weight(codes, cb, s))
-    assert torch.equal(vq_dequantize(codes8.cuda(), cb.cuda(), s.cuda(), dtype).cpu(),
-                       vq_dequantize(codes8, cb, s, dtype))
+    with cpu_reference():
+        cpu = vq_dequantize(codes8, cb, s, dtype)
+    assert torch.equal(vq_dequantize(to_gpu(codes8), to_gpu(cb), to_gpu(s), dtype).cpu(), cpu)
 
 
 @pytest.mark.gpu
@@ -451,9 +454,11 @@ def test_cuda_byte_codes_match_cpu(r, m, dtype):
 @pytest.mark.parametrize("r,e", [(1, 256), (2, 65536)])
 def test_cuda_dequantize_matches_cpu(r, e, dtype):
     codes, cb, s = make_weight(130, 1000, r, e, seed=5)
-    gpu = vq_dequantize(codes.cuda(), cb.cuda(), s.cuda(), dtype)
-    assert gpu.device.type == "cuda"
-    assert torch.equal(gpu.cpu(), vq_dequantize(codes, cb, s, dtype))
+    gpu = vq_dequantize(to_gpu(codes), to_gpu(cb), to_gpu(s), dtype)
+    assert on_gpu(gpu)
+    with cpu_reference():
+        cpu = vq_dequantize(codes, cb, s, dtype)
+    assert torch.equal(gpu.cpu(), cpu)
 
 
 @pytest.mark.gpu
@@ -467,34 +472,45 @@ def test_cuda_masks_invalid_indices(r, e):
     assert (bad >= e).sum() > 10
     bad = torch.from_numpy(bad.view(np.int16))
     x = make_x((3, 64))
-    got = vq_gemm(x.cuda(), bad.cuda(), cb.cuda(), s.cuda()).cpu()
-    assert torch.equal(got, vq_gemm(x.cuda(), codes.cuda(), cb.cuda(), s.cuda()).cpu())
-    assert torch.equal(vq_dequantize(bad.cuda(), cb.cuda(), s.cuda()).cpu(), vq_dequantize(codes, cb, s))
+    got = vq_gemm(to_gpu(x), to_gpu(bad), to_gpu(cb), to_gpu(s)).cpu()
+    assert torch.equal(got, vq_gemm(to_gpu(x), to_gpu(codes), to_gpu(cb), to_gpu(s)).cpu())
+    with cpu_reference():
+        cpu = vq_dequantize(codes, cb, s)
+    assert torch.equal(vq_dequantize(to_gpu(bad), to_gpu(cb), to_gpu(s)).cpu(), cpu)
 
 
 @pytest.mark.gpu
 def test_cuda_layouts_and_edge_cases():
-    """Batch dims, non-contiguous x, uint16 codes, codebooks not 16-byte aligned, empty M / N, device mismatch."""
+    """Batch dims, non-contiguous x, uint16 codes, codebooks not 16-byte aligned, empty M / N."""
     codes, cb, s = make_weight(70, 96, 2, 1024, seed=4)
-    codes_d, cb_d, s_d = codes.cuda(), cb.cuda(), s.cuda()
+    codes_d, cb_d, s_d = to_gpu(codes), to_gpu(cb), to_gpu(s)
     x = make_x((2, 3, 96))
     w = reference_weight(codes, cb, s)
-    y = vq_gemm(x.cuda(), codes_d, cb_d, s_d)
+    y = vq_gemm(to_gpu(x), codes_d, cb_d, s_d)
     assert y.shape == (2, 3, 70)
     assert_gemm_close(y.cpu(), x, w)
-    xt = make_x((96, 5)).cuda().t()
+    xt = to_gpu(make_x((96, 5))).t()
     assert torch.equal(vq_gemm(xt, codes_d, cb_d, s_d), vq_gemm(xt.contiguous(), codes_d, cb_d, s_d))
-    assert torch.equal(vq_gemm(x.cuda(), codes_d.view(torch.uint16), cb_d, s_d), y)
-    flat = torch.empty(cb.numel() + 4, dtype=torch.float16, device="cuda")
+    assert torch.equal(vq_gemm(to_gpu(x), codes_d.view(torch.uint16), cb_d, s_d), y)
+    flat = torch.empty(cb.numel() + 4, dtype=torch.float16, device=GPU)
     cb_off = flat[4:].view(cb.shape)  # 8 bytes past an aligned allocation
     cb_off.copy_(cb_d)
     assert cb_off.data_ptr() % 16
-    assert torch.equal(vq_gemm(x.cuda(), codes_d, cb_off, s_d), y)
+    assert torch.equal(vq_gemm(to_gpu(x), codes_d, cb_off, s_d), y)
     assert torch.equal(vq_dequantize(codes_d, cb_off, s_d), vq_dequantize(codes_d, cb_d, s_d))
-    assert vq_gemm(torch.empty(0, 96, device="cuda"), codes_d, cb_d, s_d).shape == (0, 70)
-    assert vq_gemm(x.cuda(), codes_d[:0], cb_d, s_d[:0]).shape == (2, 3, 0)
+    assert vq_gemm(torch.empty(0, 96, device=GPU), codes_d, cb_d, s_d).shape == (0, 70)
+    assert vq_gemm(to_gpu(x), codes_d[:0], cb_d, s_d[:0]).shape == (2, 3, 0)
     assert vq_dequantize(codes_d[:0], cb_d, s_d[:0]).shape == (0, 96)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(EMULATED, reason="a CPU tensor among CUDA ones: under emulation both are CPU tensors")
+def test_cuda_device_mismatch():
+    """Split from test_cuda_layouts_and_edge_cases: weight tensors on the CPU next to CUDA ones."""
+    codes, cb, s = make_weight(70, 96, 2, 1024, seed=4)
+    codes_d, cb_d, s_d = to_gpu(codes), to_gpu(cb), to_gpu(s)
+    x = make_x((2, 3, 96))
     with pytest.raises(ValueError, match=r"codes must be on the device of x \(cuda:0\), got cpu"):
-        vq_gemm(x.cuda(), codes, cb_d, s_d)
+        vq_gemm(to_gpu(x), codes, cb_d, s_d)
     with pytest.raises(ValueError, match="codebooks must be on the device of codes"):
-        vq_gemm(x.cuda(), codes_d, cb, s_d)
+        vq_gemm(to_gpu(x), codes_d, cb, s_d)

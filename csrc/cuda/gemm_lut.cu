@@ -5,8 +5,11 @@
 // accumulates, per row m of x, dot = sum table[q] * x and sum x over the block. A block lies in one group, so the
 // group's scale and zero are applied once per block: acc += scale * (dot - zero * sum_x), which is the fused
 // table entry lut_fused_entry of lut_gemm.h distributed over the block. A shuffle reduction gives y[m, n].
-// Rows of x beyond MB are done in further passes over the row's codes. Codes past K in the last block are
-// skipped.
+// Rows of x beyond MB are done in further passes over the row's codes. The loop over blocks takes the full blocks
+// only, so its unrolled body has no bound per code and ptxas no partial-block path to keep registers for (with one
+// inside, some instantiations spilled); when K is not a multiple of 32 the partial last block is done after the
+// loop by the lane it falls to (that lane's last block anyway, so every sum keeps its order), skipping the codes
+// past K.
 #include "lowbit/cuda_utils.cuh"
 #include "lowbit/element_io.h"
 #include "lowbit/lut_gemm.h"
@@ -16,6 +19,38 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
+
+// acc[i] += the contribution of block j (its codes c < count; count = 32 when kFull) to row m0 + i of y, i < rows.
+template <typename IO, int BITS, int MB, bool kFull>
+__device__ __forceinline__ void accumulate_block(const typename IO::storage* __restrict__ x,
+                                                 const uint32_t* __restrict__ codes_row,
+                                                 const uint16_t* __restrict__ scales,
+                                                 const uint16_t* __restrict__ zeros, const float* lut, int k,
+                                                 int groups, int blocks_per_group, int row, int m0, int rows, int j,
+                                                 int count, float (&acc)[MB]) {
+  uint32_t words[BITS];
+#pragma unroll
+  for (int w = 0; w < BITS; ++w) words[w] = __ldg(codes_row + j * BITS + w);
+  uint8_t q[kCodesPerBlock];
+  unpack_block<BITS>(words, q);
+  const int g = j / blocks_per_group;
+  const float scale = half_to_float(scales[int64_t(row) * groups + g]);
+  const float zero = zeros ? half_to_float(zeros[int64_t(row) * groups + g]) : 0.0f;
+#pragma unroll
+  for (int i = 0; i < MB; ++i) {
+    if (i >= rows) break;
+    const typename IO::storage* xr = x + int64_t(m0 + i) * k + int64_t(j) * kCodesPerBlock;
+    float dot = 0.0f, sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < kCodesPerBlock; ++c) {
+      if (!kFull && c >= count) break;
+      const float xv = IO::load(xr, c);
+      dot += lut[q[c]] * xv;
+      sum += xv;
+    }
+    acc[i] += scale * (dot - zero * sum);
+  }
+}
 
 template <typename IO, int BITS, int MB>
 __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const typename IO::storage* __restrict__ x,
@@ -30,50 +65,26 @@ __global__ void __launch_bounds__(kThreads) lut_gemm_kernel(const typename IO::s
   __syncthreads();
   const int lane = threadIdx.x & 31;
   const int blocks = int(blocks_for(k));
+  const int full_blocks = k / kCodesPerBlock;
   const int wpr = blocks * BITS;
   for (int row = blockIdx.x * kWarps + (threadIdx.x >> 5); row < n; row += gridDim.x * kWarps) {
     const uint32_t* codes_row = packed + int64_t(row) * wpr;
     for (int m0 = 0; m0 < m; m0 += MB) {
+      const int rows = min(MB, m - m0);
       float acc[MB];
 #pragma unroll
       for (int i = 0; i < MB; ++i) acc[i] = 0.0f;
-      for (int j = lane; j < blocks; j += 32) {
-        uint32_t words[BITS];
-#pragma unroll
-        for (int w = 0; w < BITS; ++w) words[w] = __ldg(codes_row + j * BITS + w);
-        uint8_t q[kCodesPerBlock];
-        unpack_block<BITS>(words, q);
-        const int g = j / blocks_per_group;
-        const float scale = half_to_float(scales[int64_t(row) * groups + g]);
-        const float zero = zeros ? half_to_float(zeros[int64_t(row) * groups + g]) : 0.0f;
-        const int count = min(kCodesPerBlock, k - j * kCodesPerBlock);
-#pragma unroll
-        for (int i = 0; i < MB; ++i) {
-          if (m0 + i >= m) break;
-          const int64_t base = int64_t(m0 + i) * k + int64_t(j) * kCodesPerBlock;
-          float dot = 0.0f, sum = 0.0f;
-          if (count == kCodesPerBlock) {
-#pragma unroll
-            for (int c = 0; c < kCodesPerBlock; ++c) {
-              const float xv = IO::load(x, base + c);
-              dot += lut[q[c]] * xv;
-              sum += xv;
-            }
-          } else {
-            for (int c = 0; c < count; ++c) {
-              const float xv = IO::load(x, base + c);
-              dot += lut[q[c]] * xv;
-              sum += xv;
-            }
-          }
-          acc[i] += scale * (dot - zero * sum);
-        }
-      }
+      for (int j = lane; j < full_blocks; j += 32)
+        accumulate_block<IO, BITS, MB, true>(x, codes_row, scales, zeros, lut, k, groups, blocks_per_group,
+                                             row, m0, rows, j, kCodesPerBlock, acc);
+      if (full_blocks < blocks && lane == full_blocks % 32)
+        accumulate_block<IO, BITS, MB, false>(x, codes_row, scales, zeros, lut, k, groups, blocks_per_group,
+                                              row, m0, rows, full_blocks, k - full_blocks * kCodesPerBlock, acc);
 #pragma unroll
       for (int i = 0; i < MB; ++i) {
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
-        if (lane == 0 && m0 + i < m) IO::store(out, int64_t(m0 + i) * n + row, acc[i]);
+        if (lane == 0 && i < rows) IO::store(out, int64_t(m0 + i) * n + row, acc[i]);
       }
     }
   }

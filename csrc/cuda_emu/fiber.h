@@ -11,20 +11,22 @@
 namespace lowbit {
 namespace emu {
 
-// A stack with a PROT_NONE guard page below it (an overflow faults instead of corrupting a neighbour).
+// A stack in a region of `region` bytes aligned to its size (a power of 2): the region's first page holds the
+// caller's header (found from any address on the stack, lowbit/cuda_emu/device.h), the second is a PROT_NONE
+// guard (an overflow faults instead of corrupting the header), the rest is the stack.
 class FiberStack {
  public:
-  explicit FiberStack(size_t bytes);
+  explicit FiberStack(size_t region);
   ~FiberStack();
   FiberStack(const FiberStack&) = delete;
   FiberStack& operator=(const FiberStack&) = delete;
-  char* top() const { return top_; }
+  void* header() const { return base_; }
+  char* top() const { return base_ + region_; }
   bool guards(const void* addr) const;  // addr lies in the guard page
 
  private:
   char* base_ = nullptr;
-  size_t mapped_ = 0;
-  char* top_ = nullptr;
+  size_t region_ = 0;
 };
 
 // A point to switch to: a suspended fiber, or the scheduler's own context.

@@ -33,7 +33,6 @@ void set_last_error(cudaError_t e);  // runtime.cpp
 
 namespace {
 
-constexpr size_t kStackBytes = 64 << 10;
 constexpr size_t kMaxSharedPerBlock = 227 << 10;
 constexpr size_t kMaxStaticShared = 48 << 10;
 constexpr unsigned char kPoison = 0xff;
@@ -46,8 +45,10 @@ struct CpAsyncCopy {
   unsigned char data[16];
 };
 
+struct Engine;
 struct Thread {
   ThreadCtx ctx;
+  Engine* engine = nullptr;
   int index = 0;  // linear index in the block
   Context context;
   State state = State::runnable;
@@ -78,7 +79,9 @@ struct Engine {
   std::string error;  // set by a fiber that failed; the scheduler throws it
 };
 
+// The engine of this OS thread (the scheduler's side; the emulated threads reach theirs through their stack).
 thread_local Engine t_engine;
+Engine& engine() { return t_engine; }
 std::atomic<uint64_t> g_serial{0};
 std::atomic<int> g_order{int(Order::forward)};
 std::atomic<uint64_t> g_seed{0};
@@ -111,7 +114,7 @@ std::string dims(const uint3& d) {
 }
 
 std::string where(const Thread& t) {
-  return std::string("kernel ") + t_engine.kernel + ", block " + dims(t.ctx.block_idx) + ", thread " +
+  return std::string("kernel ") + engine().kernel + ", block " + dims(t.ctx.block_idx) + ", thread " +
          dims(t.ctx.thread_idx);
 }
 
@@ -132,21 +135,22 @@ std::string hex(unsigned v) {
   return buf;
 }
 
-Thread& running() { return *t_engine.current; }
+// The emulated thread calling (from its own stack).
+Thread& running() { return *static_cast<Thread*>(this_fiber().thread); }
 
-void suspend(Thread& t) { switch_context(t.context, t_engine.scheduler); }
+void suspend(Thread& t) { switch_context(t.context, t.engine->scheduler); }
 
 // Ends the running thread with an error (thrown by the scheduler: an exception cannot cross a fiber switch).
 [[noreturn]] void fail(const std::string& message) {
   Thread& t = running();
-  if (t_engine.error.empty()) t_engine.error = message + " (" + where(t) + ")";
+  if (t.engine->error.empty()) t.engine->error = message + " (" + where(t) + ")";
   t.state = State::exited;
   suspend(t);
   __builtin_unreachable();
 }
 
 void fiber_main(void*) {
-  (*t_engine.body)();
+  (*running().engine->body)();
   Thread& t = running();
   t.state = State::exited;
   suspend(t);
@@ -173,30 +177,36 @@ int source_lane(const Thread& t, int j) {
   return j;
 }
 
-// Why lane `lane` of warp w cannot join the group of `leader` ("" when it can).
+// Whether lane `lane` of warp w waits at the same warp operation as `leader`.
+bool joins(const Thread& leader, int w, int lane) {
+  const size_t i = size_t(w * 32 + lane);
+  if (i >= engine().threads.size()) return false;
+  const Thread& t = engine().threads[i];
+  return t.state == State::warp && t.op == leader.op && t.mask == leader.mask && t.width == leader.width;
+}
+
+// Why lane `lane` of warp w cannot join the group of `leader` (it does not, see joins).
 std::string lane_problem(const Thread& leader, int w, int lane) {
-  Engine& e = t_engine;
+  Engine& e = engine();
   const int i = w * 32 + lane;
   const std::string who = "lane " + std::to_string(lane) + " of warp " + std::to_string(w);
-  if (i >= int(e.threads.size())) return who + " does not exist (the block has " + std::to_string(e.threads.size()) + " threads)";
+  if (i >= int(e.threads.size()))
+    return who + " does not exist (the block has " + std::to_string(e.threads.size()) + " threads)";
   const Thread& t = e.threads[size_t(i)];
   switch (t.state) {
     case State::exited: return who + " has exited";
     case State::barrier:
       return who + " waits at __syncthreads (" + t.barrier_file + ":" + std::to_string(t.barrier_line) + ")";
     case State::runnable: return who + " has not arrived";
-    case State::warp:
-      if (t.op != leader.op || t.mask != leader.mask || t.width != leader.width)
-        return who + " is at " + op_name(t.op) + " with mask " + hex(t.mask);
-      return "";
+    case State::warp: break;
   }
-  return "";
+  return who + " is at " + op_name(t.op) + " with mask " + hex(t.mask);
 }
 
 // Completes every warp operation whose lanes are all there; returns whether any completed. Throws when a group
 // can never complete.
 bool resolve_warps(bool stuck) {
-  Engine& e = t_engine;
+  Engine& e = engine();
   bool progress = false;
   const int n = int(e.threads.size());
   for (int w = 0; w * 32 < n; ++w) {
@@ -204,13 +214,14 @@ bool resolve_warps(bool stuck) {
     for (int lane = 0; lane < 32 && w * 32 + lane < n; ++lane) {
       const Thread& leader = e.threads[size_t(w * 32 + lane)];
       if (leader.state != State::warp || (done >> lane & 1u)) continue;
-      std::string problem;
-      for (int j = 0; j < 32 && problem.empty(); ++j)
-        if (leader.mask >> j & 1u) problem = lane_problem(leader, w, j);
-      if (!problem.empty()) {
+      int absent = -1;
+      for (int j = 0; j < 32 && absent < 0; ++j)
+        if ((leader.mask >> j & 1u) && !joins(leader, w, j)) absent = j;
+      if (absent >= 0) {
         if (stuck)
           throw std::runtime_error(std::string("CUDA emulation: ") + op_name(leader.op) + " with mask " +
-                                   hex(leader.mask) + " can never complete: " + problem + " (" + where(leader) + ")");
+                                   hex(leader.mask) + " can never complete: " + lane_problem(leader, w, absent) +
+                                   " (" + where(leader) + ")");
         continue;
       }
       for (int j = 0; j < 32; ++j) {
@@ -235,7 +246,7 @@ bool resolve_warps(bool stuck) {
 
 // Releases a barrier that every live thread waits at; throws for a divergent one.
 void release_barrier() {
-  Engine& e = t_engine;
+  Engine& e = engine();
   const Thread* first = nullptr;
   size_t exited = 0, waiting = 0;
   for (const Thread& t : e.threads) {
@@ -261,7 +272,7 @@ void release_barrier() {
 }
 
 void run_block(const dim3& grid, const dim3& block, unsigned linear_block) {
-  Engine& e = t_engine;
+  Engine& e = engine();
   e.serial = ++g_serial;
   e.static_used = 0;
   e.poisoned = std::max(e.poisoned, e.dynamic_bytes);
@@ -275,9 +286,11 @@ void run_block(const dim3& grid, const dim3& block, unsigned linear_block) {
     t.ctx.block_dim = block;
     t.ctx.grid_dim = grid;
     t.index = int(i);
+    t.engine = &e;
     t.state = State::runnable;
     t.uncommitted.clear();
     t.committed.clear();
+    *static_cast<FiberHeader*>(e.stacks[i]->header()) = FiberHeader{&t.ctx, &e.serial, &t};
     make_context(t.context, *e.stacks[i], fiber_main, nullptr, e.scheduler);
   }
   for (;;) {
@@ -303,8 +316,8 @@ void run_block(const dim3& grid, const dim3& block, unsigned linear_block) {
 }
 
 void prepare(size_t threads) {
-  Engine& e = t_engine;
-  while (e.stacks.size() < threads) e.stacks.push_back(std::make_unique<FiberStack>(kStackBytes));
+  Engine& e = engine();
+  while (e.stacks.size() < threads) e.stacks.push_back(std::make_unique<FiberStack>(kFiberRegionBytes));
   e.threads.resize(threads);
   if (!e.shared) {
     e.shared_raw.reset(new unsigned char[kMaxSharedPerBlock + 16]);
@@ -313,7 +326,7 @@ void prepare(size_t threads) {
 }
 
 std::string describe_fault(const Fault& f) {
-  Engine& e = t_engine;
+  Engine& e = engine();
   std::string what = allocation_fault(f.addr, f.write);
   for (size_t i = 0; what.empty() && i < e.threads.size(); ++i)
     if (e.stacks[i]->guards(f.addr)) what = "stack overflow of an emulated thread";
@@ -327,8 +340,6 @@ std::string describe_fault(const Fault& f) {
 
 }  // namespace
 
-ThreadCtx& this_thread() { return t_engine.current->ctx; }
-uint64_t block_serial() { return t_engine.serial; }
 
 void syncthreads(const char* file, int line) {
   Thread& t = running();
@@ -356,7 +367,7 @@ uint64_t warp_meet(WarpOp op, unsigned mask, uint64_t value, int operand, int wi
 }
 
 void async_copy(void* dst, const void* src, int bytes) {
-  Engine& e = t_engine;
+  Engine& e = *running().engine;
   const unsigned char* d = static_cast<const unsigned char*>(dst);
   if (d < e.shared || d + bytes > e.shared + kMaxSharedPerBlock) fail("cp.async to an address outside shared memory");
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % unsigned(bytes))
@@ -381,10 +392,10 @@ void async_copy_wait(int pending) {
   }
 }
 
-void* dynamic_shared() { return t_engine.shared; }
+void* dynamic_shared() { return running().engine->shared; }
 
 void* static_shared(size_t bytes, size_t align) {
-  Engine& e = t_engine;
+  Engine& e = *running().engine;
   const size_t a = std::max<size_t>(align, 16);
   const size_t offset = (e.dynamic_bytes + e.static_used + a - 1) / a * a;
   if (offset - e.dynamic_bytes + bytes > kMaxStaticShared || offset + bytes > kMaxSharedPerBlock)
@@ -409,7 +420,7 @@ void launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t 
     set_last_error(cudaErrorInvalidValue);
     return;
   }
-  Engine& e = t_engine;
+  Engine& e = engine();
   prepare(size_t(threads));
   e.kernel = name;
   e.body = &body;

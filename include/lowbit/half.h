@@ -1,9 +1,14 @@
 // fp16 / bf16 <-> fp32 conversions on raw 16-bit storage, usable on host and device.
-// fp16 follows IEEE-754 binary16 with round-to-nearest-even; bf16 is the top half of an fp32.
+// fp16 follows IEEE-754 binary16 with round-to-nearest-even (on the device: the hardware's conversions, the same
+// values); bf16 is the top half of an fp32.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include "lowbit/common.h"
+
+#if defined(__CUDACC__)
+#include <cuda_fp16.h>
+#endif
 
 namespace lowbit {
 
@@ -28,6 +33,9 @@ LOWBIT_HD uint32_t float_to_bits(float f) {
 }
 
 LOWBIT_HD float half_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(h));  // one exact conversion instruction
+#else
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
   const uint32_t man = h & 0x3ffu;
@@ -36,9 +44,13 @@ LOWBIT_HD float half_to_float(uint16_t h) {
   // zero or subnormal: man * 2^-24, exact in fp32
   const float mag = float(man) * 5.9604644775390625e-8f;
   return sign ? -mag : mag;
+#endif
 }
 
 LOWBIT_HD uint16_t float_to_half(float f) {
+#if defined(__CUDA_ARCH__)
+  return __half_as_ushort(__float2half_rn(f));
+#else
   const uint32_t x = float_to_bits(f);
   const uint32_t sign = (x >> 16) & 0x8000u;
   const uint32_t ax = x & 0x7fffffffu;
@@ -51,6 +63,7 @@ LOWBIT_HD uint16_t float_to_half(float f) {
   }
   const uint32_t round = 0xfffu + ((ax >> 13) & 1u);  // round to nearest even on the 13 dropped bits
   return uint16_t(sign | ((ax - 0x38000000u + round) >> 13));
+#endif
 }
 
 LOWBIT_HD float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }

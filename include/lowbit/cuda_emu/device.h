@@ -42,7 +42,28 @@ struct ThreadCtx {
   uint3 thread_idx, block_idx;
   dim3 block_dim, grid_dim;
 };
-ThreadCtx& this_thread();
+// Each emulated thread runs on a stack in a region aligned to its size whose first bytes say whose stack it is:
+// the running thread is found from the address of any local variable, with no thread-local storage (which a
+// dlopen'ed module reaches through __tls_get_addr, a call per intrinsic).
+constexpr uintptr_t kFiberRegionBytes = uintptr_t(128) << 10;
+struct FiberHeader {
+  ThreadCtx* ctx;
+  const uint64_t* block_serial;  // distinct per block run, so that shared-memory slots know when to re-allocate
+  void* thread;                  // the scheduler's record of the thread
+};
+inline FiberHeader& this_fiber() {
+  // The stack pointer as a plain integer: an address taken from a local would carry that local's provenance, and
+  // the compiler could then drop stores through the header's pointers as stores to a dead stack object.
+  uintptr_t sp;
+#if defined(__x86_64__)
+  asm("movq %%rsp, %0" : "=r"(sp));
+#else
+  sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+  asm("" : "+r"(sp));
+#endif
+  return *reinterpret_cast<FiberHeader*>(sp & ~(kFiberRegionBytes - 1));
+}
+inline ThreadCtx& this_thread() { return *this_fiber().ctx; }
 
 enum class WarpOp : uint8_t { sync, shfl_idx, shfl_up, shfl_down, shfl_xor };
 // Every lane named in mask meets the others here; returns the value this lane reads (see scheduler.cpp).
@@ -54,7 +75,7 @@ void async_copy_wait(int pending);
 // Shared memory of the running block: the dynamic region, and a fresh slot for a static __shared__ variable.
 void* dynamic_shared();
 void* static_shared(size_t bytes, size_t align);
-uint64_t block_serial();  // distinct for every block run, so that slots know when to re-allocate
+inline uint64_t block_serial() { return *this_fiber().block_serial; }
 
 // One static __shared__ variable: the same storage for every thread of a block, new (and poisoned) per block.
 // Tag is the closure type of a lambda at the declaration, so each declaration (and instantiation) has its own.
@@ -145,17 +166,20 @@ struct __half {
 };
 inline __half __ushort_as_half(unsigned short h) { return __half{h}; }
 inline unsigned short __half_as_ushort(__half h) { return h.x; }
-inline float __half2float(__half h) {
-  _Float16 f;
-  std::memcpy(&f, &h.x, 2);
-  return float(f);
+inline float __half2float(__half h) {  // exact: normal and subnormal values, infinities, NaN payloads
+  const uint32_t sign = uint32_t(h.x & 0x8000u) << 16, exp = (h.x >> 10) & 0x1fu, man = h.x & 0x3ffu;
+  if (exp == 0x1f) return ::lowbit::emu::from_bits<float>(sign | 0x7f800000u | man << 13);
+  if (exp != 0) return ::lowbit::emu::from_bits<float>(sign | (exp + 112u) << 23 | man << 13);
+  const float mag = float(man) * 5.9604644775390625e-8f;  // man * 2^-24
+  return sign ? -mag : mag;
 }
-inline __half __float2half(float v) {
+inline __half __float2half_rn(float v) {
   const _Float16 f = _Float16(v);
   __half h;
   std::memcpy(&h.x, &f, 2);
   return h;
 }
+inline __half __float2half(float v) { return __float2half_rn(v); }
 
 // Atomics: blocks run one at a time per OS thread, several OS threads may run blocks at once.
 template <typename T>
