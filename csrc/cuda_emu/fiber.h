@@ -1,6 +1,6 @@
 // Cooperative fibers for the CUDA emulator: each emulated thread of a block runs on its own stack and gives
-// control back at every synchronizing intrinsic. On x86-64 a switch saves the callee-saved registers and the
-// SSE/x87 control words and swaps stack pointers (no system call); elsewhere it falls back to ucontext.
+// control back at every synchronizing intrinsic. On x86-64 a switch saves the callee-saved registers and swaps
+// stack pointers (no system call); elsewhere it falls back to ucontext.
 #pragma once
 #include <cstddef>
 

@@ -58,11 +58,12 @@ thread_local sigjmp_buf* t_jump = nullptr;
 thread_local Fault t_fault;
 thread_local std::vector<char> t_alt_stack;
 struct sigaction g_old_segv, g_old_bus;
+std::once_flag g_handler_installed;
 
 void on_fault(int sig, siginfo_t* info, void* uc) {
-  if (!t_jump) {  // not from a kernel: let the previous handler (or the default) take it
+  if (!t_jump) {  // not from a kernel: give the signal back to the handler before ours (or the default) for good
     sigaction(sig, sig == SIGSEGV ? &g_old_segv : &g_old_bus, nullptr);
-    return;
+    return;       // the faulting instruction runs again and faults into it
   }
   t_fault.addr = info->si_addr;
 #if defined(__x86_64__)
@@ -77,9 +78,9 @@ void on_fault(int sig, siginfo_t* info, void* uc) {
 
 }  // namespace
 
-void* device_alloc(size_t bytes, const std::string& what) {
+void* device_alloc(size_t bytes, const std::string& what, size_t misalign) {
   const size_t page = page_size();
-  const size_t padded = (bytes + 15) / 16 * 16;
+  const size_t padded = (misalign + bytes + 15) / 16 * 16;
   const size_t data_pages = (padded + page - 1) / page;
   const size_t mapped = (data_pages + 1) * page;
   void* p = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -89,10 +90,10 @@ void* device_alloc(size_t bytes, const std::string& what) {
   al.mapped = mapped;
   al.guard = al.map + data_pages * page;
   mprotect(al.guard, page, PROT_NONE);
-  al.data = al.guard - padded;
+  al.data = al.guard - padded + misalign;
   al.bytes = bytes;
   al.what = what;
-  std::memset(al.data + bytes, kPoison, padded - bytes);
+  std::memset(al.data + bytes, kPoison, size_t(al.guard - (al.data + bytes)));
   std::lock_guard<std::mutex> lock(g_mutex);
   g_allocations[al.data] = al;
   return al.data;
@@ -124,7 +125,7 @@ void defer_error(const std::string& message) {
 }
 
 void* shadow_tensor(void* host, size_t bytes, bool writable, const std::string& what) {
-  char* device = static_cast<char*>(device_alloc(bytes, what));
+  char* device = static_cast<char*>(device_alloc(bytes, what, reinterpret_cast<uintptr_t>(host) % 16));
   if (bytes) std::memcpy(device, host, bytes);
   t_shadows.push_back({host, device, bytes, writable, what});
   return device;
@@ -153,29 +154,30 @@ void end_call(bool ok) {
   if (!error.empty()) throw std::runtime_error("CUDA emulation: " + error);
 }
 
+// The handler is installed once (per process) and stays: arming is a thread-local pointer, so launches on
+// several threads never save and restore each other's handlers. It runs on its own stack (a fiber's may be the
+// one that overflowed), set per thread.
 void arm_fault_jump(sigjmp_buf* target) {
-  if (t_alt_stack.empty()) {  // the handler runs on its own stack: a fiber's may be the one that overflowed
+  if (t_alt_stack.empty()) {
     t_alt_stack.resize(1 << 16);
     stack_t ss{};
     ss.ss_sp = t_alt_stack.data();
     ss.ss_size = t_alt_stack.size();
     sigaltstack(&ss, nullptr);
   }
-  struct sigaction sa{};
-  sa.sa_sigaction = on_fault;
-  sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
-  sigemptyset(&sa.sa_mask);
-  sigaction(SIGSEGV, &sa, &g_old_segv);
-  sigaction(SIGBUS, &sa, &g_old_bus);
+  std::call_once(g_handler_installed, [] {
+    struct sigaction sa{};
+    sa.sa_sigaction = on_fault;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &g_old_segv);
+    sigaction(SIGBUS, &sa, &g_old_bus);
+  });
   t_fault = Fault{};
   t_jump = target;
 }
 
-void disarm_fault_jump() {
-  t_jump = nullptr;
-  sigaction(SIGSEGV, &g_old_segv, nullptr);
-  sigaction(SIGBUS, &g_old_bus, nullptr);
-}
+void disarm_fault_jump() { t_jump = nullptr; }
 
 Fault last_fault() { return t_fault; }
 

@@ -1,8 +1,10 @@
 // Device memory of the CUDA emulator. Every device allocation (cudaMalloc*, and the shadow copy of each tensor a
 // binding receives) ends exactly at a PROT_NONE guard page, so a kernel's read or write one element past it
-// faults; the fault is turned into an error naming the allocation (fault_message). Allocations start 16-byte
-// aligned; when the size is not a multiple of 16, the few bytes between its end and the guard are filled with
-// 0xff (NaN in every float format) and checked for writes when the allocation is released.
+// faults; the fault is turned into an error naming the allocation (allocation_fault). An allocation starts at
+// `misalign` past a 16-byte boundary (a tensor's copy keeps the host pointer's alignment, so misaligned views stay
+// misaligned); when it does not end on one, the few bytes up to the guard are filled with 0xff (NaN in every
+// float format): a read there gives NaN instead of a fault, and a write is reported when the allocation is
+// released.
 #pragma once
 #include <setjmp.h>
 #include <cstddef>
@@ -11,7 +13,7 @@
 namespace lowbit {
 namespace emu {
 
-void* device_alloc(size_t bytes, const std::string& what);
+void* device_alloc(size_t bytes, const std::string& what, size_t misalign = 0);
 // Releases p; returns an error message when a kernel wrote into its padding (past the end), else "".
 std::string device_free(void* p);
 

@@ -68,7 +68,6 @@ const char* cudaGetErrorString(cudaError_t e) {
     case cudaErrorMemoryAllocation: return "out of memory";
     case cudaErrorInvalidConfiguration: return "invalid configuration argument";
     case cudaErrorInvalidDevice: return "invalid device ordinal";
-    case cudaErrorNoDevice: return "no CUDA-capable device is detected";
   }
   return "unknown error";
 }
@@ -120,12 +119,12 @@ cudaError_t cudaMalloc(void** ptr, size_t bytes) {
 }
 cudaError_t cudaMallocAsync(void** ptr, size_t bytes, cudaStream_t) { return cudaMalloc(ptr, bytes); }
 
-// Callers free in destructors and ignore the result: an overrun found at release is raised by the op's end_call.
+// Callers free in destructors and ignore the result: an overrun found at release is raised by the op's end_call
+// (not left as the sticky last error, which the next, unrelated launch would report).
 cudaError_t cudaFree(void* ptr) {
   const std::string overrun = device_free(ptr);
-  if (overrun.empty()) return cudaSuccess;
-  lowbit::emu::defer_error(overrun);
-  return lowbit::emu::fail(cudaErrorInvalidValue);
+  if (!overrun.empty()) lowbit::emu::defer_error(overrun);
+  return cudaSuccess;
 }
 cudaError_t cudaFreeAsync(void* ptr, cudaStream_t) { return cudaFree(ptr); }
 

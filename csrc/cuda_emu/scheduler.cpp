@@ -5,14 +5,15 @@
 // - warp operations (__syncwarp, __shfl*_sync): complete when every lane named in the mask is there with the same
 //   operation and mask; a named lane that exited, does not exist or waits elsewhere is an error, and so is a
 //   shuffle reading a lane outside the mask.
-// - cp.async: the source is read when the copy is issued, the shared memory written at the cp.async.wait_group
-//   that covers the copy's group, so a stage read before its wait reads stale data or poison.
+// - cp.async: the source is read when the copy is issued; the shared memory is written then or at the
+//   cp.async.wait_group that covers the copy's group, as the order says (lands_at_issue).
 // Shared memory is filled with 0xff bytes (NaN) at every block start. A fault (a guard page of a device
 // allocation) jumps back to the launch, which throws naming the kernel, block, thread and allocation.
 #include <setjmp.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <deque>
 #include <memory>
@@ -75,7 +76,10 @@ struct Engine {
   std::unique_ptr<unsigned char[]> shared_raw;
   unsigned char* shared = nullptr;  // 16-byte aligned
   size_t dynamic_bytes = 0, static_used = 0, poisoned = 0;
-  uint64_t serial = 0, round = 0;
+  uint64_t serial = 0;  // unique per block run (shared-memory slots key on it)
+  // Salts of the random schedule, counted from the last set_schedule (epoch) so that a seed replays: launches,
+  // blocks run, rounds between synchronization points, cp.async copies.
+  uint64_t epoch = 0, launches = 0, blocks = 0, rounds = 0, copies = 0;
   std::string error;  // set by a fiber that failed; the scheduler throws it
 };
 
@@ -85,6 +89,7 @@ Engine& engine() { return t_engine; }
 std::atomic<uint64_t> g_serial{0};
 std::atomic<int> g_order{int(Order::forward)};
 std::atomic<uint64_t> g_seed{0};
+std::atomic<uint64_t> g_epoch{0};
 std::atomic<uint64_t> g_launches{0}, g_blocks{0}, g_threads{0}, g_barriers{0}, g_warp_ops{0}, g_copies{0};
 
 uint64_t splitmix(uint64_t x) {
@@ -150,11 +155,30 @@ void suspend(Thread& t) { switch_context(t.context, t.engine->scheduler); }
 }
 
 void fiber_main(void*) {
-  (*running().engine->body)();
+  std::string error;  // an exception cannot unwind past the fiber's first frame: caught, then reported
+  try {
+    (*running().engine->body)();
+  } catch (const std::exception& ex) {
+    error = ex.what();
+  }
+  if (!error.empty()) fail("exception in an emulated thread: " + error);
   Thread& t = running();
   t.state = State::exited;
   suspend(t);
   __builtin_unreachable();
+}
+
+// When a cp.async lands in shared memory: at the wait that covers it (forward: the latest CUDA allows), at issue
+// (reverse: the earliest), or either (random: a seeded coin per copy). Late landing makes a stage read before its
+// wait read stale data or poison; early landing makes a stage refilled while other threads still read it change
+// what they read.
+bool lands_at_issue(Engine& e) {
+  switch (Order(g_order.load())) {
+    case Order::forward: return false;
+    case Order::reverse: return true;
+    case Order::random: return splitmix(g_seed.load() ^ splitmix(++e.copies)) & 1;
+  }
+  return false;
 }
 
 void apply(const std::vector<CpAsyncCopy>& group) {
@@ -274,6 +298,7 @@ void release_barrier() {
 void run_block(const dim3& grid, const dim3& block, unsigned linear_block) {
   Engine& e = engine();
   e.serial = ++g_serial;
+  ++e.blocks;
   e.static_used = 0;
   e.poisoned = std::max(e.poisoned, e.dynamic_bytes);
   std::memset(e.shared, kPoison, e.poisoned);
@@ -294,7 +319,7 @@ void run_block(const dim3& grid, const dim3& block, unsigned linear_block) {
     make_context(t.context, *e.stacks[i], fiber_main, nullptr, e.scheduler);
   }
   for (;;) {
-    arrange(e.order, n, e.serial * 0x100000001b3ull + e.round++);
+    arrange(e.order, n, e.blocks * 0x100000001b3ull + e.rounds++);
     for (int i : e.order) {
       Thread& t = e.threads[size_t(i)];
       if (t.state != State::runnable) continue;
@@ -359,7 +384,7 @@ uint64_t warp_meet(WarpOp op, unsigned mask, uint64_t value, int operand, int wi
   t.op = op;
   t.mask = mask;
   t.value = value;
-  t.operand = operand;
+  t.operand = operand & 31;  // shfl.sync reads lane / delta / mask from the operand's 5 low bits
   t.width = width;
   t.state = State::warp;
   suspend(t);
@@ -372,10 +397,14 @@ void async_copy(void* dst, const void* src, int bytes) {
   if (d < e.shared || d + bytes > e.shared + kMaxSharedPerBlock) fail("cp.async to an address outside shared memory");
   if ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src)) % unsigned(bytes))
     fail("cp.async of " + std::to_string(bytes) + " bytes with a misaligned address");
+  ++g_copies;
+  if (lands_at_issue(e)) {
+    std::memcpy(dst, src, size_t(bytes));
+    return;
+  }
   CpAsyncCopy c{dst, bytes, {}};
   std::memcpy(c.data, src, size_t(bytes));
   running().uncommitted.push_back(c);
-  ++g_copies;
 }
 
 void async_copy_commit() {
@@ -431,7 +460,11 @@ void launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t 
   ++g_launches;
   g_blocks += blocks;
   g_threads += blocks * threads;
-  arrange(e.block_order, size_t(blocks), g_serial.load());
+  if (e.epoch != g_epoch.load()) {
+    e.epoch = g_epoch.load();
+    e.launches = e.blocks = e.rounds = e.copies = 0;
+  }
+  arrange(e.block_order, size_t(blocks), ~++e.launches);
   static thread_local sigjmp_buf jump;
   if (sigsetjmp(jump, 1)) {
     disarm_fault_jump();
@@ -453,6 +486,7 @@ void launch(const char* name, const void* kernel, dim3 grid, dim3 block, size_t 
 void set_schedule(Order order, uint64_t seed) {
   g_order = int(order);
   g_seed = seed;
+  ++g_epoch;
 }
 Order schedule_order() { return Order(g_order.load()); }
 uint64_t schedule_seed() { return g_seed.load(); }

@@ -9,6 +9,7 @@ namespace emu {
 // The order in which the runnable threads of a block run between two synchronization points (and in which the
 // blocks of a grid run): forward, reverse, or a seeded random permutation drawn anew at every point.
 enum class Order { forward, reverse, random };
+// Sets the order and seed; the random schedule restarts, so the same seed replays the same interleavings.
 void set_schedule(Order order, uint64_t seed);
 Order schedule_order();
 uint64_t schedule_seed();

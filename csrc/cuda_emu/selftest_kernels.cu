@@ -36,11 +36,78 @@ __global__ void staged_copy_kernel(const float* x, float* out) {
   out[t] = s[t];
 }
 
+// Four rounds through one 16-float stage: threads 0..3 refill it with cp.async (16 bytes each), then threads
+// 0..15 read it reversed: out[16 r + t] = x[16 r + 15 - t]. BARRIER false drops the barrier that keeps the next
+// round's copies from landing while others still read the stage.
+template <bool BARRIER>
+__global__ void stage_reuse_kernel(const float* x, float* out) {
+  LOWBIT_SHARED(float, s, [16]);
+  const int t = threadIdx.x;
+  for (int r = 0; r < 4; ++r) {
+    if (t < 4) cp_async16(&s[4 * t], &x[16 * r + 4 * t]);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (t < 16) out[16 * r + t] = s[15 - t];
+    if (BARRIER) __syncthreads();
+  }
+}
+
 // out[t] = x[t] + x[t ^ 16] within each warp, through a shuffle with `mask`.
 template <unsigned MASK>
 __global__ void xor_shuffle_kernel(const float* x, float* out) {
   const int t = threadIdx.x;
   out[t] = x[t] + __shfl_xor_sync(MASK, x[t], 16);
+}
+
+// out[t] = the shuffle OP of x[t] across each warp, with CUDA's source-lane and width rules: 0 __shfl_up_sync by
+// 3 in segments of 16 lanes, 1 __shfl_down_sync by 5 in segments of 8, 2 __shfl_sync from lane 6 of segments of 4
+// (lane 9 mod 4 = 1), 3 __shfl_xor_sync with 20 in segments of 16.
+template <int OP>
+__global__ void shuffle_rules_kernel(const float* x, float* out) {
+  const int t = threadIdx.x;
+  const float v = x[t];
+  float r = 0.0f;
+  if (OP == 0) r = __shfl_up_sync(0xffffffffu, v, 3, 16);
+  if (OP == 1) r = __shfl_down_sync(0xffffffffu, v, 5, 8);
+  if (OP == 2) r = __shfl_sync(0xffffffffu, v, 9, 4);
+  if (OP == 3) r = __shfl_xor_sync(0xffffffffu, v, 20, 16);
+  out[t] = r;
+}
+
+// The pure intrinsics on bit patterns (x and out reinterpreted as 32-bit words w): threads 0..15 __dp4a(w[t],
+// w[t + 1], t), 16..31 __byte_perm(w[t], w[t + 1], w[t + 2] & 0x7777), 32..47 __half2float of the low half of w[t]
+// (as float bits), 48..63 __float2half_rn of x[t] (as the 16-bit pattern).
+__global__ void intrinsics_kernel(const float* x, float* out) {
+  const int t = threadIdx.x;
+  const unsigned* w = reinterpret_cast<const unsigned*>(x);
+  unsigned* o = reinterpret_cast<unsigned*>(out);
+  if (t < 16)
+    o[t] = unsigned(__dp4a(int(w[t]), int(w[t + 1]), t));
+  else if (t < 32)
+    o[t] = __byte_perm(w[t], w[t + 1], w[t + 2] & 0x7777u);
+  else if (t < 48)
+    out[t] = __half2float(__ushort_as_half((unsigned short)(w[t] & 0xffffu)));
+  else
+    o[t] = __half_as_ushort(__float2half_rn(x[t]));
+}
+
+// Every thread adds x[t] into out[0] (float atomicAdd), 1 into word 1 (unsigned atomicAdd), and its index into
+// words 2 and 3 by atomicMin and atomicMax (out's words as integers, set to 64 and 0 by thread 0 first).
+__global__ void atomics_kernel(const float* x, float* out) {
+  const int t = threadIdx.x;
+  unsigned* o = reinterpret_cast<unsigned*>(out);
+  if (t == 0) {
+    out[0] = 0.0f;
+    o[1] = 0u;
+    o[2] = 64u;
+    o[3] = 0u;
+  }
+  __syncthreads();
+  atomicAdd(&out[0], x[t]);
+  atomicAdd(&o[1], 1u);
+  atomicMin(&o[2], unsigned(t + 5));
+  atomicMax(&o[3], unsigned(t));
 }
 
 // The full-mask shuffle above, called by lanes 0..15 only.
@@ -83,8 +150,16 @@ void run_selftest(const std::string& name, const TensorView& x, const TensorView
   if (name == "missing_barrier") return run("neighbour_kernel", neighbour_kernel<false>, x, out);
   if (name == "cp_async_wait") return run("staged_copy_kernel", staged_copy_kernel<true>, x, out);
   if (name == "read_before_wait") return run("staged_copy_kernel", staged_copy_kernel<false>, x, out);
+  if (name == "stage_reuse") return run("stage_reuse_kernel", stage_reuse_kernel<true>, x, out);
+  if (name == "stage_refilled_while_read") return run("stage_reuse_kernel", stage_reuse_kernel<false>, x, out);
   if (name == "shuffle") return run("xor_shuffle_kernel", xor_shuffle_kernel<0xffffffffu>, x, out);
   if (name == "wrong_mask") return run("xor_shuffle_kernel", xor_shuffle_kernel<0x0000ffffu>, x, out);
+  if (name == "shfl_up") return run("shuffle_rules_kernel", shuffle_rules_kernel<0>, x, out);
+  if (name == "shfl_down") return run("shuffle_rules_kernel", shuffle_rules_kernel<1>, x, out);
+  if (name == "shfl_idx") return run("shuffle_rules_kernel", shuffle_rules_kernel<2>, x, out);
+  if (name == "shfl_xor") return run("shuffle_rules_kernel", shuffle_rules_kernel<3>, x, out);
+  if (name == "atomics") return run("atomics_kernel", atomics_kernel, x, out);
+  if (name == "intrinsics") return run("intrinsics_kernel", intrinsics_kernel, x, out);
   if (name == "half_warp_shuffle") return run("half_warp_shuffle_kernel", half_warp_shuffle_kernel, x, out);
   if (name == "divergent_barrier") return run("divergent_barrier_kernel", divergent_barrier_kernel, x, out);
   if (name == "early_return") return run("early_return_kernel", early_return_kernel, x, out);

@@ -20,7 +20,8 @@ inline void cuda_check(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": CUDA error: " + cudaGetErrorString(e));
 }
 
-// Checks the launch just issued (configuration errors surface here; faults surface at the next sync).
+// Checks the launch just issued (configuration errors surface here; on a GPU faults surface at the next sync,
+// under the emulator the launch itself throws).
 inline void cuda_check_launch(const char* kernel) { cuda_check(cudaGetLastError(), kernel); }
 
 // kernel<<<grid, block, shared_bytes, stream>>>(args...), then the launch check naming the kernel.

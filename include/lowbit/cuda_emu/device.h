@@ -26,13 +26,6 @@ struct dim3 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
-struct alignas(8) uint2 {
-  unsigned x, y;
-};
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
-constexpr int warpSize = 32;
 
 namespace lowbit {
 namespace emu {
@@ -43,7 +36,7 @@ struct ThreadCtx {
   dim3 block_dim, grid_dim;
 };
 // Each emulated thread runs on a stack in a region aligned to its size whose first bytes say whose stack it is:
-// the running thread is found from the address of any local variable, with no thread-local storage (which a
+// the running thread is found from the stack pointer, with no thread-local storage (which a
 // dlopen'ed module reaches through __tls_get_addr, a call per intrinsic).
 constexpr uintptr_t kFiberRegionBytes = uintptr_t(128) << 10;
 struct FiberHeader {
@@ -147,6 +140,10 @@ inline int __dp4a(int a, int b, int c) {
   for (int i = 0; i < 4; ++i) c += int(int8_t(uint32_t(a) >> (8 * i))) * int(int8_t(uint32_t(b) >> (8 * i)));
   return c;
 }
+inline unsigned __dp4a(unsigned a, unsigned b, unsigned c) {  // dp4a.u32.u32: unsigned bytes
+  for (int i = 0; i < 4; ++i) c += ((a >> (8 * i)) & 0xffu) * ((b >> (8 * i)) & 0xffu);
+  return c;
+}
 // byte_perm: byte i of the result is byte (s >> 4i) & 7 of the 8 bytes y:x (x the low word).
 inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   const uint64_t v = uint64_t(y) << 32 | x;
@@ -208,16 +205,6 @@ T atomicMax(T* p, T v) {
   }
   return old;
 }
-template <typename T>
-T atomicCAS(T* p, T expected, T desired) {
-  __atomic_compare_exchange_n(p, &expected, desired, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
-  return expected;
-}
-template <typename T>
-T atomicExch(T* p, T v) {
-  return __atomic_exchange_n(p, v, __ATOMIC_RELAXED);
-}
-
 // CUDA's integer min/max overloads of device code.
 inline int min(int a, int b) { return a < b ? a : b; }
 inline int max(int a, int b) { return a > b ? a : b; }

@@ -15,7 +15,6 @@ enum cudaError_t {
   cudaErrorMemoryAllocation = 2,
   cudaErrorInvalidConfiguration = 9,
   cudaErrorInvalidDevice = 101,
-  cudaErrorNoDevice = 100,
 };
 enum cudaMemcpyKind {
   cudaMemcpyHostToHost = 0,

@@ -58,8 +58,9 @@ def _emulated_functions() -> dict[str, Any]:
 
 
 def _switch(emulating: bool) -> None:
+    table = _emulated_functions() if emulating else _native_functions
     vars(_native._C).clear()
-    vars(_native._C).update(_emulated_functions() if emulating else _native_functions)
+    vars(_native._C).update(table)
     _native._emulating = emulating
 
 
@@ -77,9 +78,9 @@ def cuda_emulation(order: str = "forward", seed: int = 0) -> Iterator[None]:
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     previous = active(), _cuda_emu.schedule()
-    _cuda_emu.set_schedule(order, int(seed) & (2**64 - 1))
-    _switch(True)
     try:
+        _cuda_emu.set_schedule(order, int(seed) & (2**64 - 1))
+        _switch(True)
         yield
     finally:
         _cuda_emu.set_schedule(*previous[1])
