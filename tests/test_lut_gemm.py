@@ -406,7 +406,7 @@ def _to_cuda(w: Weight) -> dict:
 @pytest.mark.parametrize("k,table,zeros", [(1000, "random", True), (4096, "nf", False), (576, "identity", True)])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("m", [1, 4, 16, 63])  # from 64 rows on CUDA takes the dense path (test_dense_path)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 16, 63])  # from 64 rows on CUDA takes the dense path (test_dense_path)
 def test_cuda_matches_cpu(m, bits, dtype, k, table, zeros):
     x = make_x((m, k), dtype)
     with cpu_reference():

@@ -416,7 +416,7 @@ CUDA_CODEBOOKS = [(1, 256), (1, 4096), (2, 2048), (1, 8192), (2, 4096), (2, 6553
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m", [1, 4, 5, 33])
+@pytest.mark.parametrize("m", [1, 3, 4, 5, 33])
 @pytest.mark.parametrize("r,e", CUDA_CODEBOOKS)
 def test_cuda_matches_cpu(r, e, m, dtype):
     """N = 4099 rows outnumber one pass of the shared-memory grid; K = 264 gives lane 0 two vectors."""
