@@ -5,8 +5,7 @@
 // memory when R * E * 16 bytes <= kSmemBytes (E <= 4096 for R = 1, E <= 2048 for R = 2), otherwise read
 // through the read-only cache (__ldg). Rows of x beyond MB are done in further passes over the row's codes; the
 // row's scale multiplies each reduced sum as it is stored. R (1 or 2) and MB are template arguments, so the loops
-// over codebooks and rows unroll with compile-time bounds and indices (a runtime R loop made ptxas spill), and x in
-// fp16 goes through the hardware conversion (load_x).
+// over codebooks and rows unroll with compile-time bounds and indices (a runtime R loop made ptxas spill).
 // Invalid indices (>= E) are masked with E - 1 (vq_index): no out-of-bounds read, no error.
 // Dequantization: one thread per vector (n, j), through vq_decode_vector.
 #include <algorithm>
@@ -36,17 +35,6 @@ __device__ __forceinline__ void add_codeword(const uint16_t* cw, float* w) {
     w[2 * i] += vq_half(uint16_t(words[i] & 0xffffu));
     w[2 * i + 1] += vq_half(uint16_t(words[i] >> 16));
   }
-}
-
-// x[i] as fp32: IO::load, but fp16 through vq_half, the hardware conversion. Both are exact, so the value is the
-// same; F16::load's software conversion (half.h) branches per element, which costs this loop registers (spills).
-template <typename IO>
-__device__ __forceinline__ float load_x(const typename IO::storage* p, int64_t i) {
-  return IO::load(p, i);
-}
-template <>
-__device__ __forceinline__ float load_x<F16>(const uint16_t* p, int64_t i) {
-  return vq_half(p[i]);
 }
 
 template <typename IO, int MB, int R, bool kShared, typename C>
@@ -87,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) vq_gemm_kernel(const typename IO::st
           if (i >= rows) break;
           const typename IO::storage* xr = xm + int64_t(i) * k + j * kVqVecLen;
 #pragma unroll
-          for (int d = 0; d < kVqVecLen; ++d) acc[i] += w[d] * load_x<IO>(xr, d);
+          for (int d = 0; d < kVqVecLen; ++d) acc[i] += w[d] * IO::load(xr, d);
         }
       }
 #pragma unroll

@@ -23,9 +23,6 @@
 #include "lowbit/half.h"
 #include "lowbit/tensor_view.h"
 
-#if defined(__CUDACC__)
-#include <cuda_fp16.h>
-#endif
 
 namespace lowbit {
 
@@ -47,14 +44,8 @@ LOWBIT_HD int64_t vq_code_offset(int64_t n, int64_t j, int r, int64_t vectors, i
   return (n * vectors + j) * codebooks + r;
 }
 
-// fp16 bits -> fp32 (hardware conversion on the GPU; the exact software conversion of half.h on the CPU).
-LOWBIT_HD float vq_half(uint16_t h) {
-#if defined(__CUDA_ARCH__)
-  return __half2float(__ushort_as_half(h));
-#else
-  return half_to_float(h);
-#endif
-}
+// fp16 bits -> fp32 (half.h: the hardware conversion on the GPU, the exact software one on the CPU).
+LOWBIT_HD float vq_half(uint16_t h) { return half_to_float(h); }
 
 // w[d] += codeword[d] for the 8 fp16 values of one codeword.
 LOWBIT_HD void vq_add_codeword(const uint16_t* codeword, float* w) {
